@@ -1,0 +1,39 @@
+"""Disk cache of base-model embeddings, so a grid of steering configurations encodes a corpus once.
+
+Key: model name + revision, prompt type and the exact list of texts (order included). A hit
+returns the stored float32 array; a miss stores what was computed. Writes go to a temporary
+file first, so a crash never leaves a truncated array behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class EmbeddingCache:
+    """A folder of `.npy` files, one per (model, prompt type, text list)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(model_id: str, prompt_type: str, texts: list[str]) -> str:
+        digest = hashlib.sha256(f"{model_id}\x00{prompt_type}\x00{len(texts)}".encode())
+        for text in texts:
+            digest.update(text.encode())
+            digest.update(b"\x00")
+        return digest.hexdigest()[:24]
+
+    def get(self, key: str) -> np.ndarray | None:
+        path = self.folder / f"{key}.npy"
+        return np.load(path) if path.exists() else None
+
+    def put(self, key: str, embeddings: np.ndarray) -> None:
+        tmp = self.folder / f"{key}.{os.getpid()}.tmp.npy"
+        np.save(tmp, embeddings)
+        tmp.replace(self.folder / f"{key}.npy")

@@ -1,0 +1,136 @@
+"""SteerEncoder: a frozen SentenceTransformer as an mteb 2.x encoder, with BEIR-style methods too.
+
+Queries go through `encode_query` (plus any query transforms, e.g. the linear adapter),
+documents through `encode_document`; both return float32 numpy arrays. The base model is
+never changed: steering lives in small step objects (see `mteb_steer.steps`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.types import PromptType
+
+from mteb_steer.backbone import Backbone, load_sentence_transformer, resolve_backbone
+from mteb_steer.embedding_cache import EmbeddingCache
+from mteb_steer.identity import steered_meta
+from mteb_steer.steps import QueryTransform
+
+if TYPE_CHECKING:
+    from mteb.abstasks.task_metadata import TaskMetadata
+    from torch.utils.data import DataLoader
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "MTEB_STEER_EMBEDDING_CACHE"
+
+
+def passage_text(title: str | None, text: str | None) -> str:
+    """Join title and body exactly as mteb does for retrieval corpora (`title + " " + text`, stripped)."""
+    text = text or ""
+    return (title + " " + text).strip() if title else text.strip()
+
+
+def corpus_texts(corpus: Iterable[dict[str, Any]] | Iterable[str] | dict[str, dict[str, Any]]) -> list[str]:
+    """Passages given as BEIR/mteb 1.x dicts (`title`/`text`), a dict of those, or plain strings."""
+    if isinstance(corpus, dict):
+        corpus = corpus.values()
+    return [doc if isinstance(doc, str) else passage_text(doc.get("title"), doc.get("text")) for doc in corpus]
+
+
+class SteerEncoder(AbsEncoder):
+    """An mteb `EncoderProtocol` over any SentenceTransformer, with optional query transforms.
+
+    Args:
+        model_name: registry/hub name, local folder, or None for the bundled all-MiniLM-L6-v2.
+        revision: ignored for offline copies (the registry revision names them); kept for mteb.
+        device: cpu, cuda, cuda:N or mps; None picks cuda when available.
+        query_transforms: steps applied to query embeddings only (corpus vectors untouched).
+        batch_size: default encoding batch size.
+        cache_dir: folder for base-embedding reuse (also `$MTEB_STEER_EMBEDDING_CACHE`); None disables.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        revision: str | None = None,
+        *,
+        device: str | None = None,
+        query_transforms: Sequence[QueryTransform] = (),
+        batch_size: int = 32,
+        cache_dir: str | os.PathLike | None = None,
+        backbone: Backbone | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.backbone = backbone or resolve_backbone(model_name)
+        self.model = load_sentence_transformer(self.backbone.source, device)
+        self.query_transforms = list(query_transforms)
+        self.batch_size = batch_size
+        cache_dir = cache_dir or os.environ.get(CACHE_ENV)
+        self.cache = EmbeddingCache(cache_dir) if cache_dir else None
+        self.mteb_model_meta = steered_meta(self.backbone.meta, self.query_transforms)
+
+    @property
+    def base_meta(self):
+        return self.backbone.meta
+
+    # -- the one place texts become vectors -------------------------------------------------
+    def embed(self, texts: list[str], prompt_type: PromptType | None, *, batch_size: int | None = None,
+              show_progress_bar: bool = False, apply_transforms: bool = True) -> np.ndarray:
+        """Embed texts as queries or documents (float32, shape (len(texts), dim)).
+
+        Base vectors come from the cache when possible; query transforms are applied after it,
+        so one cached base run serves every adapter.
+        """
+        kind = "query" if prompt_type == PromptType.query else "document"
+        base = None
+        if self.cache is not None and texts:
+            model_id = f"{self.base_meta.name}@{self.base_meta.revision}"
+            key = EmbeddingCache.key(model_id, kind, texts)
+            base = self.cache.get(key)
+        if base is None:
+            encode = self.model.encode_query if kind == "query" else self.model.encode_document
+            if texts:
+                base = encode(texts, batch_size=batch_size or self.batch_size, convert_to_numpy=True,
+                              show_progress_bar=show_progress_bar)
+            else:
+                base = np.zeros((0, self.model.get_sentence_embedding_dimension()))
+            base = np.asarray(base, dtype=np.float32)
+            if self.cache is not None and texts:
+                self.cache.put(key, base)
+        if kind == "query" and apply_transforms:
+            for step in self.query_transforms:
+                base = np.asarray(step.transform_queries(base), dtype=np.float32)
+        return base
+
+    # -- mteb 2.x EncoderProtocol --------------------------------------------------------------
+    def encode(
+        self,
+        inputs: DataLoader,
+        *,
+        task_metadata: TaskMetadata,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type: PromptType | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        texts = [text for batch in inputs for text in batch["text"]]
+        return self.embed(texts, prompt_type, batch_size=kwargs.get("batch_size"),
+                          show_progress_bar=kwargs.get("show_progress_bar", False))
+
+    # -- BEIR / mteb 1.x style ----------------------------------------------------------------
+    def encode_queries(self, queries: list[str], batch_size: int = 32, **kwargs: Any) -> np.ndarray:
+        """Embed queries (query prompt, then query transforms)."""
+        return self.embed(list(queries), PromptType.query, batch_size=batch_size,
+                          show_progress_bar=kwargs.get("show_progress_bar", False))
+
+    def encode_corpus(self, corpus: list[dict[str, Any]] | list[str] | dict[str, dict[str, Any]],
+                      batch_size: int = 32, **kwargs: Any) -> np.ndarray:
+        """Embed passages given as `{"title", "text"}` dicts or strings, joined like mteb joins them."""
+        return self.embed(corpus_texts(corpus), PromptType.document, batch_size=batch_size,
+                          show_progress_bar=kwargs.get("show_progress_bar", False))

@@ -1,0 +1,69 @@
+"""One MTEB identity per configuration, so mteb's result cache never mixes two models' scores.
+
+mteb's `ResultCache` files results under `<name>/<revision>/<Task>.json` and `mteb.evaluate`
+returns an existing file without running (`only-missing`). A steered variant that kept its
+base model's name and revision would silently report the base's scores. Here every step
+list gets its own name (readable tags) and revision (hash of base + full step configs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from mteb.models.model_meta import ModelMeta
+
+from mteb_steer.steps import Step
+
+ORG = "mteb-steer"
+
+
+def stable_hash(payload: Any, length: int = 12) -> str:
+    """Short sha256 of a JSON-able payload with sorted keys: the one hashing helper of the package."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def _safe_tag(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", tag).strip("-")
+
+
+def steered_meta(base: ModelMeta, steps: Sequence[Step]) -> ModelMeta:
+    """The ModelMeta of `base` steered by `steps`; `base` itself when there are none.
+
+    name: `mteb-steer/<base model>-<tag>+<tag>...`; revision: hash of the base name and
+    revision plus every step's full `describe()`; `adapted_from`: the base; training data:
+    the base's plus whatever labelled data a step was fitted on.
+    """
+    if not steps:
+        return base
+    config = describe_configuration(base, steps)
+    short = (base.name or "model").split("/")[-1]
+    name = f"{ORG}/{short}-" + "+".join(_safe_tag(s.tag) for s in steps)
+    training = set(base.training_datasets or set())
+    for step in steps:
+        training |= step.training_datasets
+    return base.model_copy(
+        update={
+            "loader": None,
+            "loader_kwargs": {},
+            "name": name,
+            "revision": stable_hash(config),
+            "adapted_from": base.name,
+            "training_datasets": training or None,
+            "reference": None,
+            "experiment_kwargs": None,
+        }
+    )
+
+
+def describe_configuration(base: ModelMeta, steps: Sequence[Step]) -> dict[str, Any]:
+    """The full configuration behind a revision, written next to results for readers."""
+    return {
+        "base": base.name,
+        "base_revision": base.revision,
+        "steps": [{"tag": s.tag, **s.describe()} for s in steps],
+    }

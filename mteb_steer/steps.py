@@ -1,0 +1,90 @@
+"""The seam where steering plugs in: small step objects handed to the encoder or the search model.
+
+Data flows one way: corpus -> base embeddings -> corpus steps -> (index) ; queries -> base
+embeddings -> query transforms (encoder) -> query steps (search, may look at the index) ->
+dense scores -> score fusion (lexical) -> top-k. A step never imports from a later stage.
+
+Every step describes itself (`describe`) so the configuration gets its own MTEB identity,
+and names the labelled data it was fitted on (`training_datasets`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from mteb_steer.encoder import SteerEncoder
+
+
+@runtime_checkable
+class Step(Protocol):
+    """What every step offers for identity: a short tag and a canonical, JSON-able config."""
+
+    tag: str
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that changes the output (hyper-parameters, artifact fingerprints); no secrets."""
+        ...
+
+    @property
+    def training_datasets(self) -> set[str]:
+        """MTEB task names whose labelled data this step was fitted on (empty when label-free)."""
+        ...
+
+
+@dataclass
+class CorpusIndex:
+    """The indexed corpus as every search-time step sees it.
+
+    `embeddings` are the (possibly steered) document vectors, float32, shape (n_docs, dim),
+    in the same row order as `ids` and `texts` (texts are title + " " + text as MTEB joins them).
+    """
+
+    ids: list[str]
+    texts: list[str]
+    embeddings: np.ndarray
+    task_name: str = ""
+    id_to_row: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.id_to_row = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+
+@dataclass
+class QueryBatch:
+    """Queries of one search call: ids, texts and float32 vectors of shape (n_queries, dim)."""
+
+    ids: list[str]
+    texts: list[str]
+    embeddings: np.ndarray
+
+
+class QueryTransform(Step, Protocol):
+    """A pure map on query embeddings (the linear adapter): lives in the encoder, needs no corpus."""
+
+    def transform_queries(self, embeddings: np.ndarray) -> np.ndarray: ...
+
+
+class CorpusStep(Step, Protocol):
+    """Changes document vectors at index time (fusion with generated queries)."""
+
+    def steer_corpus(self, index: CorpusIndex, encoder: SteerEncoder) -> np.ndarray: ...
+
+
+class QueryStep(Step, Protocol):
+    """Changes query vectors at search time, with the corpus at hand (HyDE, test-time refinement)."""
+
+    def steer_queries(self, queries: QueryBatch, index: CorpusIndex, encoder: SteerEncoder) -> np.ndarray: ...
+
+
+class ScoreFusion(Step, Protocol):
+    """Adds non-dense evidence to the (n_queries, n_docs) dense score matrix (lexical hybrid)."""
+
+    def fit(self, index: CorpusIndex) -> None: ...
+
+    def fuse(self, queries: QueryBatch, dense_scores: torch.Tensor, index: CorpusIndex) -> torch.Tensor: ...
