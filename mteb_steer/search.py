@@ -89,10 +89,13 @@ class SteerSearch:
         self.score_fusion = score_fusion
         self.index_: CorpusIndex | None = None
         self.timings: dict[str, float] = {}
-        steps = [*encoder.query_transforms, *self.corpus_steps, *self.query_steps]
-        if score_fusion is not None:
-            steps.append(score_fusion)
-        self.mteb_model_meta = steered_meta(encoder.base_meta, steps)
+        self.mteb_model_meta = steered_meta(encoder.base_meta, self.steps)
+
+    @property
+    def steps(self) -> list:
+        """All steps in pipeline order; they define this model's identity."""
+        steps = [*self.encoder.query_transforms, *self.corpus_steps, *self.query_steps]
+        return [*steps, self.score_fusion] if self.score_fusion is not None else steps
 
     # -- SearchProtocol ---------------------------------------------------------------------
     def index(self, corpus, *, task_metadata: TaskMetadata, hf_split: str, hf_subset: str,

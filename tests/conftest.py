@@ -1,0 +1,80 @@
+"""Shared fixtures: one session-scoped encoder on the bundled model, the shared data root, small real slices."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _data_root() -> Path:
+    env = os.environ.get("MTEB_STEER_DATA_ROOT")
+    return Path(env) if env else REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if not (root / "scifact").is_dir():
+        pytest.fail(f"shared datasets not found at {root} (set MTEB_STEER_DATA_ROOT)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory):
+    """The bundled all-MiniLM-L6-v2, loaded once, with a session-local embedding cache."""
+    from mteb_steer.encoder import SteerEncoder
+
+    return SteerEncoder(device="cpu", cache_dir=tmp_path_factory.mktemp("embcache"))
+
+
+def write_slice(source: Path, target: Path, split: str, n_queries: int, n_extra_docs: int,
+                must_include: set[str] = frozenset()) -> Path:
+    """A small real BEIR folder: the first `n_queries` queries of `split`, their relevant docs,
+    `n_extra_docs` more corpus docs, and any ids in `must_include`."""
+    import gzip
+    import json
+
+    from mteb_steer.beir import find_file, read_jsonl, read_qrels
+
+    qrels = read_qrels(source / "qrels" / f"{split}.tsv")
+    qids = list(qrels)[:n_queries]
+    wanted = {d for q in qids for d in qrels[q]} | set(must_include)
+    corpus = [r for i, r in enumerate(read_jsonl(find_file(source, "corpus")))
+              if i < n_extra_docs or r["_id"] in wanted]
+    queries = [r for r in read_jsonl(find_file(source, "queries")) if r["_id"] in set(qids)]
+    (target / "qrels").mkdir(parents=True)
+    with gzip.open(target / "corpus.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in corpus)
+    (target / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    rows = [f"{q}\t{d}\t{s}\n" for q in qids for d, s in qrels[q].items()]
+    (target / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
+    return target
+
+
+@pytest.fixture(scope="session")
+def scifact_slice(tmp_path_factory, data_root) -> Path:
+    """40 real SciFact test queries over ~440 real passages."""
+    return write_slice(data_root / "scifact", tmp_path_factory.mktemp("scifact") / "scifact", "test", 40, 400)
+
+
+@pytest.fixture(scope="session")
+def arguana_slice(tmp_path_factory, data_root) -> Path:
+    """40 real ArguAna queries over ~530 passages, including all 96 passages that share their text
+    with another one (identical embeddings: tie order matters)."""
+    from collections import defaultdict
+
+    from mteb_steer.beir import find_file, read_jsonl
+
+    by_text = defaultdict(list)
+    for row in read_jsonl(find_file(data_root / "arguana", "corpus")):
+        by_text[(row["title"] + " " + row["text"]).strip()].append(row["_id"])
+    duplicates = {i for ids in by_text.values() if len(ids) > 1 for i in ids}
+    return write_slice(data_root / "arguana", tmp_path_factory.mktemp("arguana") / "arguana", "test", 40, 400,
+                       must_include=duplicates)
