@@ -34,8 +34,8 @@ class TaskScore:
 
 
 def result_dir(output_folder: Path, model: SteerSearch) -> Path:
-    meta = model.mteb_model_meta
-    return ResultCache(output_folder).get_task_result_path(meta.name, meta.revision, "x").parent
+    """`<output_folder>/results/<org__model>/<revision>`, as mteb's ResultCache lays it out."""
+    return ResultCache(output_folder).get_task_result_path(task_name="x", model_name=model.mteb_model_meta).parent
 
 
 def evaluate_tasks(model: SteerSearch, tasks: Sequence[Any], output_folder: str | Path,

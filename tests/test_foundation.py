@@ -103,8 +103,9 @@ def test_two_configurations_never_share_a_result_path(tmp_path, encoder):
     a, b = steered_meta(base, [_Tag("fusion", 0.1)]), steered_meta(base, [_Tag("fusion", 0.2)])
     c = steered_meta(base, [_Tag("adapter", 0.1, {"SciFact"})])
     cache = ResultCache(tmp_path)
-    paths = {cache.get_task_result_path(m.name, m.revision, "SciFact") for m in (base, a, b, c)}
+    paths = {cache.get_task_result_path(task_name="SciFact", model_name=m) for m in (base, a, b, c)}
     assert len(paths) == 4
+    assert cache.get_task_result_path(task_name="SciFact", model_name=a).parent.parent.name == a.name.replace("/", "__")
     assert a.adapted_from == base.name and a.name.startswith("mteb-steer/all-MiniLM-L6-v2-")
     assert "SciFact" in c.training_datasets and "SciFact" not in (a.training_datasets or set())
     assert steered_meta(base, [_Tag("fusion", 0.1)]).revision == a.revision  # deterministic
@@ -119,6 +120,7 @@ def test_cli_writes_leaderboard_layout(tmp_path, scifact_slice):
     assert (folder / "LocalScifact.json").exists()
     assert json.loads((folder / "model_meta.json").read_text())["name"] == meta.name
     assert (folder / "run_settings.jsonl").read_text().strip()
+    assert (folder / "steer_config.json").exists()
 
 
 def test_local_task_keeps_mteb_metadata(data_root):
