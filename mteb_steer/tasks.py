@@ -84,7 +84,7 @@ class BeirFolderTask(_LocalLoadMixin, AbsTaskRetrieval):
         self.data_folder = Path(folder)
         check_folder(self.data_folder)
         splits = splits or [s for s in available_splits(self.data_folder) if s != "train"] or ["test"]
-        self.metadata = TaskMetadata(
+        self._metadata = TaskMetadata(
             name=name or f"Local{self.data_folder.name.title().replace('-', '')}",
             description=description or f"Local BEIR folder {self.data_folder}",
             reference=None,
@@ -106,6 +106,16 @@ class BeirFolderTask(_LocalLoadMixin, AbsTaskRetrieval):
         )
         self.ignore_identical_ids = ignore_identical_ids
         super().__init__(**kwargs)
+
+    # mteb keeps task metadata on the class and pops instance overrides in `unload_data`;
+    # a folder task's metadata is per instance, so it lives behind a property that survives that.
+    @property
+    def metadata(self) -> TaskMetadata:
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: TaskMetadata) -> None:
+        self._metadata = value
 
 
 def trec_dl_pool(folder: Path) -> BeirFolderTask:
