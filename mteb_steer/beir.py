@@ -66,16 +66,9 @@ def available_splits(folder: Path) -> list[str]:
     return sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
 
 
-def load_beir_split(folder: str | Path, split: str) -> BeirSplit:
-    """Load and validate one split; raises DataFolderError naming the problem."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataFolderError(f"data folder {folder} does not exist")
-    corpus_path, queries_path = find_file(folder, "corpus"), find_file(folder, "queries")
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.exists():
-        raise DataFolderError(f"{folder}: no qrels for split {split!r} (have: {available_splits(folder)})")
-    qrels = read_qrels(qrels_path)
+def read_corpus(folder: str | Path) -> list[dict[str, str]]:
+    """The corpus rows (`id`, `title`, `text`) of a BEIR folder, checked non-empty with unique ids."""
+    corpus_path = find_file(Path(folder), "corpus")
     corpus = [{"id": str(r["_id"]), "title": r.get("title") or "", "text": r.get("text") or ""}
               for r in read_jsonl(corpus_path)]
     if not corpus:
@@ -85,6 +78,20 @@ def load_beir_split(folder: str | Path, split: str) -> BeirSplit:
         if row["id"] in seen:
             raise DataFolderError(f"{corpus_path}: duplicate document id {row['id']!r}")
         seen.add(row["id"])
+    return corpus
+
+
+def load_beir_split(folder: str | Path, split: str) -> BeirSplit:
+    """Load and validate one split; raises DataFolderError naming the problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataFolderError(f"data folder {folder} does not exist")
+    queries_path = find_file(folder, "queries")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        raise DataFolderError(f"{folder}: no qrels for split {split!r} (have: {available_splits(folder)})")
+    qrels = read_qrels(qrels_path)
+    corpus = read_corpus(folder)
     all_queries = {str(r["_id"]): r.get("text") or "" for r in read_jsonl(queries_path)}
     missing = [qid for qid in qrels if qid not in all_queries]
     if missing:

@@ -1,6 +1,9 @@
 """`mteb-steer` command line: parse, validate everything cheap first, then delegate.
 
-evaluate   run MTEB retrieval tasks with a (steered) model and write leaderboard-layout results
+evaluate        run MTEB retrieval tasks with a (steered) model; leaderboard-layout results
+generate        fill the LLM query cache for a corpus and/or export it as a portable query bank
+train-adapter   fit a linear query adapter on labelled pairs or on generated queries
+submit          prepare a results-repository submission (nothing is pushed)
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from collections.abc import Sequence
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _float_or_auto(value: str) -> float | str:
+    return "auto" if value == "auto" else float(value)
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", default=None,
                         help="SentenceTransformer: registry/hub name or local folder "
@@ -22,6 +29,21 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--embedding-cache", default=os.environ.get("MTEB_STEER_EMBEDDING_CACHE"),
                         help="folder to reuse base embeddings across configurations")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding local BEIR copies (scifact/, arguana/, ...); "
+                             "default $MTEB_STEER_DATA_ROOT or ../shared/datasets")
+
+
+def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llm-base-url", default=None,
+                        help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else the embedded llama.cpp "
+                             "server with the bundled Gemma-3-270m); the key comes from $OPENAI_API_KEY")
+    parser.add_argument("--llm-model", default=None, help="model name at the endpoint (needed with a URL)")
+    parser.add_argument("--llm-mode", choices=["completion", "chat"], default="completion",
+                        help="completion (2-shot prompt, base models) or chat (instruction-tuned models)")
+    parser.add_argument("--num-queries", type=int, default=3, help="generated queries per passage")
+    parser.add_argument("--cache-dir", default=None,
+                        help="LLM cache folder (default $MTEB_STEER_LLM_CACHE or ~/.cache/mteb_steer/llm)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,18 +56,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(ev)
     ev.add_argument("-t", "--tasks", nargs="+", default=["SciFact"],
                     help="MTEB task names (SciFact, ArguAna, TRECDLPool, ...) or BEIR folder paths")
-    ev.add_argument("--data-root", default=None,
-                    help="folder holding local BEIR copies (scifact/, arguana/, ...); "
-                         "default $MTEB_STEER_DATA_ROOT or ../shared/datasets")
     ev.add_argument("--output-folder", default=None,
                     help="results go to <output-folder>/results/<org__model>/<revision>/ (default: current dir)")
     ev.add_argument("--overwrite", action="store_true", help="re-run tasks whose results already exist")
+    corpus = ev.add_argument_group("corpus steering")
+    corpus.add_argument("--query-bank", default=None,
+                        help="generated queries: a JSONL(.gz) bank or a BEIR generated-queries folder")
+    corpus.add_argument("--fusion", choices=["mean", "sum", "rotate"], default=None,
+                        help="fuse passage vectors with their generated queries (bank, else generate with the LLM)")
+    for name, what in (("alpha", "mean"), ("beta", "sum"), ("gamma", "rotate")):
+        corpus.add_argument(f"--{name}", type=_float_or_auto, default=None,
+                            help=f"strength of --fusion {what}, or 'auto' (label-free held-out choice; default)")
+    _add_llm_arguments(corpus)
+    query = ev.add_argument_group("query steering")
+    query.add_argument("--adapter", default=None, help="query adapter folder written by train-adapter")
+    query.add_argument("--refine-teacher", default=None,
+                       help="test-time refinement teacher: gold (oracle) | embedding:MODEL | cross-encoder:MODEL "
+                            "| llm:MODEL | bm25 | hybrid")
+    query.add_argument("--refine-top-k", type=int, default=20)
+    query.add_argument("--refine-steps", type=int, default=100)
+    query.add_argument("--refine-lr", type=float, default=1e-4)
+    query.add_argument("--hyde", type=int, default=0, metavar="N",
+                       help="fuse each query with N generated hypothetical passages")
+    lexical = ev.add_argument_group("lexical hybrid")
+    lexical.add_argument("--lexical", choices=["bm25"], default=None, help="add BM25 scores to the dense scores")
+    lexical.add_argument("--lexical-weight", type=float, default=None,
+                         help="lexical weight in [0, 1] (default: chosen on the TREC-DL pool)")
+    lexical.add_argument("--lexical-fusion", choices=["zscore", "rrf", "minmax"], default=None)
+    lexical.add_argument("--no-lexical-expand", action="store_true",
+                         help="do not append a passage's generated queries to its BM25 text")
+    lexical.add_argument("--lexical-index-dir", default=None, help="save/reuse BM25 indexes here")
+
+    gen = sub.add_parser("generate", help="generate queries for a corpus into the cache; optionally export a bank")
+    gen.add_argument("-t", "--task", required=True, help="task name or BEIR folder whose corpus to use")
+    gen.add_argument("--data-root", default=None)
+    _add_llm_arguments(gen)
+    gen.add_argument("--export", default=None, help="write the cached queries to this JSONL(.gz) bank")
+    gen.add_argument("--no-generate", action="store_true", help="only export what the cache holds (no requests)")
+    gen.add_argument("--limit", type=int, default=None, help="only the first N passages")
+
+    tr = sub.add_parser("train-adapter", help="train a linear query adapter")
+    _add_model_arguments(tr)
+    tr.add_argument("--data", default=None, help="task name or BEIR folder with labelled pairs (qrels/<split>.tsv)")
+    tr.add_argument("--split", default="train", help="labelled split to train on (never an eval split)")
+    tr.add_argument("--query-bank", default=None, help="train on generated queries instead of labels")
+    tr.add_argument("--loss", choices=["mnrl", "triplet", "mse"], default="mnrl")
+    tr.add_argument("--rank", type=int, default=None, help="low-rank update W = I + U V^T of this rank")
+    tr.add_argument("--epochs", type=int, default=30)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True, help="output folder (safetensors + JSON config)")
+    tr.add_argument("--export-sentence-transformer", default=None, metavar="DIR",
+                    help="also write a plain sentence-transformers model applying the adapter to queries only")
+
+    from mteb_steer.submit import add_submit_parser
+
+    add_submit_parser(sub)
     return parser
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from mteb_steer.backbone import check_device
-    from mteb_steer.pipeline import SteerConfig, build_model, default_output_folder
+    from mteb_steer.pipeline import SteerConfig, build_encoder, build_model, default_output_folder
     from mteb_steer.results import evaluate_tasks, format_table, result_dir
     from mteb_steer.tasks import resolve_task
 
@@ -53,14 +124,66 @@ def _evaluate(args: argparse.Namespace) -> int:
     tasks = [resolve_task(name, args.data_root) for name in args.tasks]
     for task in tasks:  # bad data fails here, before any model loads
         task.load_data()
-    config = SteerConfig(model=args.model, device=args.device, batch_size=args.batch_size,
-                         embedding_cache=args.embedding_cache)
-    model = build_model(config)
+    strength = next((v for v in (args.alpha, args.beta, args.gamma) if v is not None), "auto")
+    config = SteerConfig(
+        model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
+        query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
+        llm_model=args.llm_model, llm_mode=args.llm_mode, num_queries=args.num_queries, llm_cache_dir=args.cache_dir,
+        adapter=args.adapter, refine_teacher=args.refine_teacher, refine_top_k=args.refine_top_k,
+        refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,
+        lexical_weight=args.lexical_weight, lexical_fusion=args.lexical_fusion,
+        lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir)
+    encoder = build_encoder(config)
     output = args.output_folder or default_output_folder()
-    print(f"model: {model.mteb_model_meta.name} @ {model.mteb_model_meta.revision}", file=sys.stderr)
-    scores = evaluate_tasks(model, tasks, output, overwrite=args.overwrite, batch_size=args.batch_size)
+    scores = []
+    for task in tasks:  # one model per task: the gold teacher and identical-id rules are per task
+        model = build_model(config, encoder=encoder, task=task)
+        print(f"model: {model.mteb_model_meta.name} @ {model.mteb_model_meta.revision}", file=sys.stderr)
+        scores += evaluate_tasks(model, [task], output, overwrite=args.overwrite, batch_size=args.batch_size)
+        print(f"results: {result_dir(output, model)}", file=sys.stderr)
     print(format_table(scores))
-    print(f"results: {result_dir(output, model)}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mteb_steer.beir import find_file, read_jsonl
+    from mteb_steer.encoder import passage_text
+    from mteb_steer.pipeline import SteerConfig, _gen_config
+    from mteb_steer.steering.generation import export_bank, generate
+    from mteb_steer.tasks import resolve_task
+
+    task = resolve_task(args.task, args.data_root)
+    folder = getattr(task, "data_folder", None)
+    if folder is None:
+        raise ValueError(f"generate needs a local BEIR copy of {args.task} (give --data-root or a folder)")
+    rows = list(read_jsonl(find_file(folder, "corpus")))[: args.limit]
+    passages = [(str(r["_id"]), passage_text(r.get("title"), r.get("text"))) for r in rows]
+    config = SteerConfig(llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_mode=args.llm_mode,
+                         num_queries=args.num_queries, llm_cache_dir=args.cache_dir)
+    gen_config = _gen_config(config)
+    if not args.no_generate:
+        report = generate(passages, gen_config, config.llm_cache(), base_url=args.llm_base_url)
+        print(report.summary())
+    if args.export:
+        bank = export_bank(passages, gen_config, config.llm_cache(), args.export)
+        print(f"exported {len(bank)} of {len(passages)} passages to {args.export}")
+    return 0
+
+
+def _train_adapter(args: argparse.Namespace) -> int:
+    from mteb_steer.pipeline import SteerConfig, build_encoder
+    from mteb_steer.steering.adapter import (AdapterTrainConfig, export_sentence_transformer, train_adapter,
+                                             training_pairs)
+
+    train_config = AdapterTrainConfig(loss=args.loss, rank=args.rank, epochs=args.epochs, seed=args.seed)
+    pairs = training_pairs(args.data, args.split, query_bank=args.query_bank, data_root=args.data_root)
+    encoder = build_encoder(SteerConfig(model=args.model, device=args.device, batch_size=args.batch_size,
+                                        embedding_cache=args.embedding_cache))
+    adapter, history = train_adapter(encoder, pairs, train_config)
+    folder = adapter.save(args.out)
+    print(f"adapter {adapter.tag} -> {folder} ({len(history.epochs)} epochs)")
+    if args.export_sentence_transformer:
+        print(f"sentence-transformers model -> {export_sentence_transformer(encoder, adapter, args.export_sentence_transformer)}")
     return 0
 
 
@@ -68,8 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from mteb_steer.submit import run_submit
+
+    handlers = {"evaluate": _evaluate, "generate": _generate, "train-adapter": _train_adapter, "submit": run_submit}
     try:
-        return {"evaluate": _evaluate}[args.command](args)
+        return handlers[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"mteb-steer: error: {err}", file=sys.stderr)
         return 2

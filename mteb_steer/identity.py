@@ -12,11 +12,12 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
-
-from mteb.models.model_meta import ModelMeta
+from typing import TYPE_CHECKING, Any
 
 from mteb_steer.steps import Step
+
+if TYPE_CHECKING:  # only annotations: keeps `stable_hash` importable without loading mteb (seconds)
+    from mteb.models.model_meta import ModelMeta
 
 ORG = "mteb-steer"
 

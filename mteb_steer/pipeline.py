@@ -1,13 +1,15 @@
 """From a plain configuration to a ready SteerSearch: the one place steps are assembled.
 
 The CLI and benchmark.py both describe a run as a `SteerConfig`; `build_model` turns it into
-the encoder + steps. Nothing here computes; it only wires.
+the encoder + steps. Nothing here computes; it only wires (artifacts load, nothing trains).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mteb_steer.backbone import check_device
 from mteb_steer.encoder import SteerEncoder
@@ -28,34 +30,102 @@ class SteerConfig:
     fusion_param: float | str = "auto"  # alpha (mean) / beta (sum) / gamma (rotate), or "auto"
     llm_base_url: str | None = None
     llm_model: str | None = None
+    llm_mode: str = "completion"
     num_queries: int = 3
     llm_cache_dir: str | None = None
     # query adapter (issue 4)
     adapter: str | None = None  # folder written by train-adapter
     # test-time refinement (issue 4)
     refine_teacher: str | None = None  # gold | embedding:MODEL | cross-encoder:MODEL | llm:MODEL | bm25 | hybrid
-    refine_top_k: int = 50
-    refine_steps: int = 20
-    refine_lr: float = 1e-3
+    refine_top_k: int = 20
+    refine_steps: int = 100
+    refine_lr: float = 1e-4
     hyde: int = 0
     # lexical hybrid (issue 7)
     lexical: str | None = None  # bm25
     lexical_weight: float | None = None  # None: the default chosen on TREC-DL
-    lexical_fusion: str = "zscore"
+    lexical_fusion: str | None = None  # None: the default chosen on TREC-DL
     lexical_expand: bool = True
+    lexical_index_dir: str | None = None
+
+    def llm_cache(self) -> Path:
+        return Path(self.llm_cache_dir or os.environ.get("MTEB_STEER_LLM_CACHE")
+                    or Path.home() / ".cache" / "mteb_steer" / "llm")
 
 
 def build_encoder(config: SteerConfig) -> SteerEncoder:
-    """Base model + query transforms (validated before weights load)."""
+    """Base model + query transforms (the adapter), validated before weights load."""
     check_device(config.device)
+    transforms = []
+    if config.adapter:
+        from mteb_steer.steering.adapter import QueryAdapter
+
+        transforms.append(QueryAdapter.load(config.adapter))
     return SteerEncoder(config.model, device=config.device, batch_size=config.batch_size,
-                        cache_dir=config.embedding_cache)
+                        cache_dir=config.embedding_cache, query_transforms=transforms)
 
 
-def build_model(config: SteerConfig, encoder: SteerEncoder | None = None) -> SteerSearch:
-    """The search model for `config`; pass `encoder` to reuse one already loaded (same base model)."""
+def _gen_config(config: SteerConfig, **overrides: Any):
+    from mteb_steer.steering.generation import GenConfig
+
+    return GenConfig(model=config.llm_model, mode=config.llm_mode, num_queries=config.num_queries, **overrides)
+
+
+def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: Any | None = None) -> SteerSearch:
+    """The search model for `config` on `task` (needed only by the gold teacher and identical-id rules).
+
+    Pass `encoder` to reuse one already loaded with the same base model and adapter.
+    """
     encoder = encoder or build_encoder(config)
-    return SteerSearch(encoder)
+    bank = None
+    if config.query_bank:
+        from mteb_steer.steering.banks import load_bank
+
+        bank = load_bank(config.query_bank)
+    corpus_steps, query_steps, score_fusion = [], [], None
+    if config.fusion:
+        if bank is not None:
+            from mteb_steer.steering.fusion import STRENGTH_NAME, QueryFusion
+
+            corpus_steps.append(QueryFusion(bank, config.fusion,
+                                            **{STRENGTH_NAME[config.fusion]: config.fusion_param}))
+        else:
+            from mteb_steer.steering.generated_fusion import GeneratedQueryFusion
+
+            corpus_steps.append(GeneratedQueryFusion(_gen_config(config), config.llm_cache(),
+                                                     base_url=config.llm_base_url, method=config.fusion,
+                                                     strength=config.fusion_param))
+    if config.hyde:
+        from mteb_steer.steering.hyde import HyDE
+
+        query_steps.append(HyDE(config.hyde, cache_dir=config.llm_cache(), config=_gen_config(config),
+                                base_url=config.llm_base_url))
+    if config.refine_teacher:
+        from mteb_steer.steering.refine import TestTimeRefinement
+        from mteb_steer.steering.teachers import make_teacher
+
+        qrels = None
+        if config.refine_teacher.strip().lower() == "gold" and task is not None:
+            task.load_data()
+            qrels = {q: docs for split in task.eval_splits
+                     for q, docs in task.dataset["default"][split]["relevant_docs"].items()}
+        teacher = make_teacher(
+            config.refine_teacher, encoder=encoder, task_name=task.metadata.name if task is not None else "",
+            qrels=qrels, cache_dir=config.embedding_cache, device=config.device,
+            ignore_identical_ids=bool(getattr(task, "ignore_identical_ids", False)), bank=bank,
+            lexical_index_dir=config.lexical_index_dir, lexical_weight=config.lexical_weight,
+            lexical_fusion=config.lexical_fusion, llm_base_url=config.llm_base_url,
+            llm_cache_dir=config.llm_cache())
+        query_steps.append(TestTimeRefinement(teacher, top_k=config.refine_top_k, steps=config.refine_steps,
+                                              lr=config.refine_lr))
+    if config.lexical:
+        if config.lexical != "bm25":
+            raise ValueError(f"unknown lexical method {config.lexical!r}; only 'bm25' is available")
+        from mteb_steer.steering.lexical import LexicalHybrid
+
+        score_fusion = LexicalHybrid(config.lexical_weight, config.lexical_fusion, bank=bank,
+                                     expand=config.lexical_expand, index_dir=config.lexical_index_dir)
+    return SteerSearch(encoder, corpus_steps=corpus_steps, query_steps=query_steps, score_fusion=score_fusion)
 
 
 def default_output_folder() -> Path:

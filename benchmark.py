@@ -1,0 +1,778 @@
+#!/usr/bin/env python
+"""Benchmark: base models x steering configurations x tasks, through the path users use.
+
+    python benchmark.py [--data-root DIR] [--quick] [--only PATTERN ...]
+
+Every cell is a `SteerConfig` built into a model by `mteb_steer.pipeline.build_model` and
+evaluated by `mteb_steer.results.evaluate_tasks` (mteb.evaluate + mteb's ResultCache) into
+`./results/<org__model>/<revision>/`. A cell whose result file exists is read back, not
+recomputed, so an interrupted run resumes where it stopped. Costs measured while a cell runs
+(steering seconds, refinement time per query, adapter training time) are kept in
+`results/benchmark/costs.json`, keyed by model name + revision + task.
+
+Quality cells use the embedding cache (base vectors shared across configurations). The
+steered/plain corpus-encoding ratio is measured separately, cold (no embedding cache), plain
+and steered side by side in one process on the same corpus.
+
+Outputs: the generated section of BENCHMARKS.md (between `<!-- benchmark:start -->` and
+`<!-- benchmark:end -->`; the rest of the file is left alone) and plots under results/plots/.
+Published comparator scores (mteb_steer.published) are shown in their own, marked table.
+
+`--only` patterns select cells by id `model/configuration/task` (e.g. `minilm/fusion-mean/ArguAna`,
+`'minilm/*/SciFact'`); a pattern without '/' matches any part (`lexical`, `ArguAna`, `mpnet`).
+The plain cells of the selected model/task pairs always run too: deltas need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import gc
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent
+MARK_START, MARK_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2"}
+TASKS = ("SciFact", "ArguAna", "TRECDLPool")
+QUICK_TASKS = ("SciFact", "ArguAna")
+TEACHER = MODELS["mpnet"]  # embedding teacher for refinement (the larger offline model)
+QUICK_TIMING_DOCS = 500
+# labels a step may name for a task (the lexical defaults name the TREC DL years of the pool)
+TASK_LABEL_NAMES = {"TRECDLPool": {"TRECDLPool", "TRECDL2019", "TRECDL2020"}}
+PUBLISHED_REPRODUCED = {"SciFact": 0.6451, "ArguAna": 0.5017}  # issue 5: plain MiniLM must match these
+LLM_COST_KEYS = ("requests", "prompt_tokens", "completion_tokens", "seconds")  # looked up in bank metadata
+PACKAGES = ("mteb", "sentence-transformers", "transformers", "torch", "numpy", "bm25s", "mteb-steer")
+
+
+class Skip(Exception):
+    """A cell that does not apply (e.g. no query bank for that corpus): reported, not an error."""
+
+
+# -- configurations --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """A steering configuration: SteerConfig fields for a (model, task), or Skip."""
+
+    name: str
+    what: str
+    quick: bool
+    fields: Callable[[Cell], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model x configuration x task; `bench` resolves banks and trains adapters on demand."""
+
+    model: str
+    recipe: Recipe
+    task: str
+    bench: Bench = field(compare=False, repr=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}/{self.recipe.name}/{self.task}"
+
+    def bank(self) -> str:
+        path = self.bench.bank(self.task)
+        if path is None:
+            raise Skip(f"no query bank for the {self.task} corpus")
+        return str(path)
+
+    def adapter(self, kind: str) -> str:
+        return str(self.bench.adapter(self.model, self.task, kind))
+
+    def teacher(self) -> str:
+        if self.bench.models[self.model] == TEACHER:
+            raise Skip("the teacher would be the base model itself (no larger model offline)")
+        return f"embedding:{TEACHER}"
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("plain", "the frozen base model", True, lambda c: {}),
+    Recipe("fusion-mean", "corpus fusion with generated queries: mean, alpha auto (label-free)", True,
+           lambda c: {"query_bank": c.bank(), "fusion": "mean"}),
+    Recipe("fusion-sum", "corpus fusion: sum, beta auto (label-free)", False,
+           lambda c: {"query_bank": c.bank(), "fusion": "sum"}),
+    Recipe("fusion-rotate", "corpus fusion: rotation, gamma auto (label-free)", False,
+           lambda c: {"query_bank": c.bank(), "fusion": "rotate"}),
+    Recipe("adapter-labelled", "linear query adapter trained on the task's train split (labels)", True,
+           lambda c: {"adapter": c.adapter("labelled")}),
+    Recipe("adapter-genq", "linear query adapter trained on generated queries (label-free)", True,
+           lambda c: {"adapter": c.adapter("genq")}),
+    Recipe("refine-gold", "ORACLE: test-time refinement taught by the test qrels (upper bound, not a result)",
+           True, lambda c: {"refine_teacher": "gold"}),
+    Recipe("refine-emb", "test-time refinement taught by all-mpnet-base-v2 (label-free)", False,
+           lambda c: {"refine_teacher": c.teacher()}),
+    Recipe("lexical", "BM25 (passages) + dense hybrid, default weight", True,
+           lambda c: {"lexical": "bm25", "lexical_expand": False}),
+    Recipe("lexical-expanded", "BM25 over passages + their generated queries, + dense", True,
+           lambda c: {"lexical": "bm25", "query_bank": c.bank(), "lexical_expand": True}),
+    Recipe("combo", "fusion-mean + lexical-expanded (label-free; fixed in advance, not picked on test scores)",
+           True, lambda c: {"query_bank": c.bank(), "fusion": "mean", "lexical": "bm25", "lexical_expand": True}),
+)
+
+
+# -- results of cells ------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One split of one cell as it goes into tables and plots."""
+
+    cell: str
+    model: str
+    recipe: str
+    task: str
+    split: str
+    ndcg: float
+    recall: float | None
+    labels: list[str]
+    cost: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    """What happened to a cell in this run: ran, read back (cached), skipped or failed."""
+
+    cell: str
+    status: str
+    message: str = ""
+
+
+def _split_costs(log: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    """The index and search seconds recorded for one split (the last call of each kind)."""
+    index = next((c for c in reversed(log) if c["call"] == "index" and c["split"] == split), {})
+    search = next((c for c in reversed(log) if c["call"] == "search" and c["split"] == split), {})
+    return {"index": index, "search": search}
+
+
+def _record_calls(model: Any, log: list[dict[str, Any]]) -> None:
+    """Log `model.timings` after every index()/search() call, per split (they are overwritten per call).
+
+    Index keys: base encoding plus one per corpus step and the lexical fit; search keys: query
+    encoding, one per query step, and scoring.
+    """
+    index_keys = {"encode_corpus_s", "score_fusion_fit_s", *(f"{s.tag}_s" for s in model.corpus_steps)}
+    search_keys = {"encode_queries_s", "score_s", *(f"{s.tag}_s" for s in model.query_steps)}
+    index, search = model.index, model.search
+
+    def logged_index(corpus: Any, **kwargs: Any) -> None:
+        index(corpus, **kwargs)
+        log.append({"call": "index", "split": kwargs.get("hf_split"), "n": len(corpus),
+                    **{k: v for k, v in model.timings.items() if k in index_keys}})
+
+    def logged_search(queries: Any, **kwargs: Any) -> dict[str, dict[str, float]]:
+        out = search(queries, **kwargs)
+        log.append({"call": "search", "split": kwargs.get("hf_split"), "n": len(queries),
+                    **{k: v for k, v in model.timings.items() if k in search_keys}})
+        return out
+
+    model.index, model.search = logged_index, logged_search
+
+
+@contextlib.contextmanager
+def _no_embedding_cache() -> Iterator[None]:
+    """Hide `$MTEB_STEER_EMBEDDING_CACHE` so an encoder built inside encodes cold."""
+    from mteb_steer.encoder import CACHE_ENV
+
+    saved = os.environ.pop(CACHE_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[CACHE_ENV] = saved
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+class Bench:
+    """Shared state of a run: paths, loaded encoders and tasks, banks, adapters, recorded costs."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from mteb_steer.pipeline import default_output_folder
+        from mteb_steer.tasks import default_data_root
+
+        self.args = args
+        self.data_root = Path(args.data_root) if args.data_root else default_data_root()
+        if self.data_root is None or not self.data_root.is_dir():
+            raise SystemExit(f"benchmark: data root {self.data_root} not found (give --data-root DIR)")
+        self.out = Path(args.output_folder) if args.output_folder else default_output_folder()
+        self.work = self.out / "results" / "benchmark"
+        self.costs_path, self.cells_path = self.work / "costs.json", self.work / "cells.json"
+        self.costs: dict[str, Any] = json.loads(self.costs_path.read_text()) if self.costs_path.exists() else {}
+        self.cells: dict[str, Any] = json.loads(self.cells_path.read_text()) if self.cells_path.exists() else {}
+        self.models = dict(MODELS)
+        self._encoders: dict[str, Any] = {}
+        self._tasks: dict[str, Any] = {}
+
+    def save(self) -> None:
+        """Write the cost records and the cell -> result index (what lets later runs read cells back)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.costs_path.write_text(json.dumps(self.costs, indent=1, sort_keys=True) + "\n")
+        self.cells_path.write_text(json.dumps(self.cells, indent=1, sort_keys=True) + "\n")
+
+    def adopt(self, key: str, name: str, encoder: Any) -> None:
+        """Use an already loaded encoder (a comparator) as model `key`."""
+        self.models[key] = name
+        self._encoders = {key: encoder}
+
+    def config(self, model: str, fields: dict[str, Any], *, cached: bool = True) -> Any:
+        from mteb_steer.pipeline import SteerConfig
+
+        return SteerConfig(model=self.models[model], device=self.args.device, batch_size=self.args.batch_size,
+                           embedding_cache=self.args.embedding_cache if cached else None, **fields)
+
+    def encoder(self, model: str) -> Any:
+        """The quality-run encoder of `model` (with the embedding cache); one loaded at a time."""
+        from mteb_steer.pipeline import build_encoder
+
+        if model not in self._encoders:
+            self._encoders.clear()
+            gc.collect()
+            self._encoders[model] = build_encoder(self.config(model, {}))
+        return self._encoders[model]
+
+    def task(self, name: str) -> Any:
+        from mteb_steer.tasks import resolve_task
+
+        if name not in self._tasks:
+            self._tasks[name] = resolve_task(name, self.data_root)
+        return self._tasks[name]
+
+    def bank(self, task: str) -> Path | None:
+        """The query bank of `task`'s corpus: ArguAna's published docT5query bank, else a generated
+        `results/banks/<corpus folder>-*.jsonl.gz` (newest first); None when there is none."""
+        from mteb_steer.tasks import LOCAL_FOLDERS
+
+        folder = LOCAL_FOLDERS[task]
+        published = self.data_root / f"{folder}-genq"
+        if published.is_dir():
+            return published
+        generated = sorted((self.out / "results" / "banks").glob(f"{folder}-*.jsonl*"),
+                           key=lambda p: p.stat().st_mtime, reverse=True)
+        return generated[0] if generated else None
+
+    def adapter(self, model: str, task: str, kind: str) -> Path:
+        """The adapter folder for (model, task, kind), trained now when absent (seconds recorded beside it).
+
+        kind "labelled": the task's own train split; "genq": the corpus's generated queries.
+        """
+        from mteb_steer.beir import available_splits
+        from mteb_steer.steering.adapter import pairs_from_split, train_adapter, training_pairs
+        from mteb_steer.tasks import LOCAL_FOLDERS
+
+        folder = self.work / "adapters" / f"{model}-{task}-{kind}"
+        if (folder / "adapter_config.json").exists():
+            return folder
+        if kind == "labelled":
+            if "train" not in available_splits(self.data_root / LOCAL_FOLDERS[task]):
+                raise Skip(f"{task} has no labelled train split")
+            pairs = pairs_from_split(task, "train", self.data_root)
+        else:
+            bank = self.bank(task)
+            if bank is None:
+                raise Skip(f"no query bank for the {task} corpus")
+            pairs = training_pairs(task, query_bank=bank, data_root=self.data_root)
+        started = time.perf_counter()
+        adapter, history = train_adapter(self.encoder(model), pairs, show_progress_bar=False)
+        seconds = time.perf_counter() - started
+        adapter.save(folder)
+        (folder / "training.json").write_text(json.dumps(
+            {"seconds": seconds, "pairs": len(pairs.queries), "best_epoch": history.best_epoch,
+             "note": "base vectors from the embedding cache; seconds = fitting only"}, indent=1) + "\n")
+        return folder
+
+    # -- one cell ------------------------------------------------------------------------------
+    def run(self, cell: Cell) -> Outcome:
+        """Evaluate one cell (or read it back) and return its rows; never raises for one cell's failure."""
+        from mteb.cache import ResultCache
+
+        from mteb_steer.pipeline import build_model
+        from mteb_steer.results import evaluate_tasks
+
+        try:
+            fields = cell.recipe.fields(cell)
+            encoder = self.encoder(cell.model)
+            transforms = list(encoder.query_transforms)
+            model = build_model(self.config(cell.model, fields), encoder=encoder)
+            if list(encoder.query_transforms) != transforms:
+                raise RuntimeError("build_model changed the shared encoder's query transforms")
+            if fields and not model.steps:
+                raise RuntimeError(f"build_model ignored the steering options {sorted(fields)} "
+                                   "(pipeline not wired for them yet)")
+            meta = model.mteb_model_meta
+            task = self.task(cell.task)
+            done = ResultCache(self.out).get_task_result_path(cell.task, meta).exists()
+            log: list[dict[str, Any]] = []
+            _record_calls(model, log)
+            started = time.perf_counter()
+            evaluate_tasks(model, [task], self.out, batch_size=self.args.batch_size, show_progress_bar=False)
+            base = set(encoder.base_meta.training_datasets or ())
+            self.cells[cell.id] = {"name": meta.name, "revision": meta.revision, "task": cell.task,
+                                   "labels": sorted(set(meta.training_datasets or ()) - base)}
+            if not done:
+                self.costs[f"{meta.name}@{meta.revision}/{cell.task}"] = {
+                    "wall_s": time.perf_counter() - started, "calls": log,
+                    "adapter_training": self._adapter_training(fields),
+                    "bank": self._bank_cost(fields.get("query_bank"))}
+            self.save()
+        except Skip as skip:
+            return Outcome(cell.id, "skip", str(skip))
+        except Exception as err:  # one broken cell must not stop the matrix; the report names it
+            return Outcome(cell.id, "error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        scores = ", ".join(f"{r.split} nDCG@10={r.ndcg:.4f}" for r in self.rows(cell.id))
+        return Outcome(cell.id, "cached" if done else "ran", f"{meta.name}@{meta.revision}: {scores}")
+
+    def rows(self, cell_id: str) -> list[Row]:
+        """The rows of a cell from its result file (any run), with the costs recorded when it ran."""
+        from mteb import TaskResult
+        from mteb.cache import ResultCache
+
+        entry = self.cells.get(cell_id)
+        if entry is None:
+            return []
+        path = ResultCache(self.out).get_task_result_path(entry["task"], entry["name"], entry["revision"])
+        if not path.exists():
+            return []
+        model, recipe, task = cell_id.split("/")
+        cost = self.costs.get(f"{entry['name']}@{entry['revision']}/{task}", {})
+        return [Row(cell_id, model, recipe, task, split, scores[0]["ndcg_at_10"], scores[0].get("recall_at_100"),
+                    entry["labels"], {**cost, "split": _split_costs(cost.get("calls", []), split)})
+                for split, scores in TaskResult.from_disk(path).scores.items()]
+
+    @staticmethod
+    def _adapter_training(fields: dict[str, Any]) -> dict[str, Any] | None:
+        path = Path(fields["adapter"]) / "training.json" if fields.get("adapter") else None
+        return json.loads(path.read_text()) if path and path.exists() else None
+
+    @staticmethod
+    def _bank_cost(bank: str | None) -> dict[str, Any] | None:
+        """LLM cost of a bank from its metadata line (requests, tokens, seconds) where recorded."""
+        from mteb_steer.steering.banks import load_bank_metadata
+
+        if bank is None:
+            return None
+        if Path(bank).is_dir():
+            return {"source": f"{Path(bank).name} (published, generated elsewhere: no LLM cost here)"}
+        found: dict[str, Any] = {"source": Path(bank).name}
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k in LLM_COST_KEYS and isinstance(v, int | float):
+                        found.setdefault(k, v)
+                    walk(v)
+        walk(load_bank_metadata(bank))
+        return found
+
+    # -- cold corpus encoding: plain vs steered, side by side ------------------------------------
+    def encode_timing(self, model: str, task_name: str, limit: int | None) -> dict[str, Any] | None:
+        """Cold index() seconds of plain, fusion-mean and combo on the same corpus, one process."""
+        from mteb.types import PromptType
+
+        from mteb_steer.pipeline import build_encoder, build_model
+
+        bank = self.bank(task_name)
+        if bank is None:
+            return None
+        record_key = f"{model}/{task_name}/{limit or 'all'}"
+        if record_key in self.costs.get("encode_timing", {}) and not self.args.retime:
+            return self.costs["encode_timing"][record_key]
+        task = self.task(task_name)
+        task.load_data()
+        split = task.metadata.eval_splits[0]
+        corpus = task.dataset["default"][split]["corpus"]
+        if limit:
+            corpus = corpus.select(range(min(limit, len(corpus))))
+        with _no_embedding_cache():
+            encoder = build_encoder(self.config(model, {}, cached=False))
+            encoder.embed(["warm-up"], PromptType.document)
+            configs = {"plain": {}, "fusion-mean": {"query_bank": str(bank), "fusion": "mean"},
+                       "combo": {"query_bank": str(bank), "fusion": "mean", "lexical": "bm25", "lexical_expand": True}}
+            seconds: dict[str, dict[str, float]] = {}
+            for name, fields in configs.items():
+                steered = build_model(self.config(model, fields, cached=False), encoder=encoder)
+                if fields and not steered.steps:
+                    raise RuntimeError(f"build_model ignored {sorted(fields)}: cannot time steering")
+                steered.index(corpus, task_metadata=task.metadata, hf_split=split, hf_subset="default",
+                              encode_kwargs={"batch_size": self.args.batch_size})
+                seconds[name] = dict(steered.timings)
+        record = {"docs": len(corpus), "bank": bank.name, "seconds": seconds,
+                  "note": "cold: no embedding cache; generated queries read from the bank (no LLM calls)"}
+        self.costs.setdefault("encode_timing", {})[record_key] = record
+        self.save()
+        return record
+
+
+# -- cell selection --------------------------------------------------------------------------------
+def _matches(cell_id: str, pattern: str) -> bool:
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(cell_id, pattern)
+    return any(fnmatch.fnmatchcase(part, pattern) for part in cell_id.split("/"))
+
+
+def select_cells(bench: Bench, quick: bool, only: list[str] | None) -> list[Cell]:
+    """The matrix (or its quick part), filtered by `only`, plus the plain cell of every selected pair."""
+    models = ["minilm"] if quick else list(MODELS)
+    tasks = QUICK_TASKS if quick else TASKS
+    recipes = [r for r in RECIPES if r.quick or not quick]
+    cells = [Cell(m, r, t, bench) for m in models for t in tasks for r in recipes]
+    if only:
+        chosen = [c for c in cells if any(_matches(c.id, p) for p in only)]
+        pairs = {(c.model, c.task) for c in chosen}
+        cells = [c for c in cells if c in chosen or (c.recipe.name == "plain" and (c.model, c.task) in pairs)]
+    return cells
+
+
+# -- report ----------------------------------------------------------------------------------------
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _delta(value: float | None, base: float | None) -> str:
+    return "-" if value is None or base is None else f"{value - base:+.4f}"
+
+
+def _steering_seconds(row: Row) -> float | None:
+    """Seconds spent in steering steps for this split (index steps + query steps), warm embedding cache."""
+    split = row.cost.get("split", {})
+    if not split.get("index") and not split.get("search"):
+        return None
+    base = {"call", "split", "n", "encode_corpus_s", "encode_queries_s", "score_s"}
+    steps = [v for part in ("index", "search") for k, v in split.get(part, {}).items() if k not in base]
+    return sum(steps) if steps else None
+
+
+def _query_step_ms(row: Row) -> float | None:
+    search = row.cost.get("split", {}).get("search", {})
+    steps = [v for k, v in search.items() if k not in {"call", "split", "n", "encode_queries_s", "score_s"}]
+    return 1000 * sum(steps) / search["n"] if steps and search.get("n") else None
+
+
+def _llm_cost(row: Row) -> str:
+    bank = row.cost.get("bank")
+    if not bank:
+        return "-"
+    if "requests" not in bank:
+        return "not recorded" if "published" not in bank["source"] else "external"
+    tokens = bank.get("prompt_tokens", 0) + bank.get("completion_tokens", 0)
+    return f"{bank['requests']:,} req / {tokens:,} tok"
+
+
+def _labels(row: Row) -> str:
+    if not row.labels:
+        return "none"
+    own = TASK_LABEL_NAMES.get(row.task, {row.task})
+    flag = " **(this task's labels)**" if own & set(row.labels) else ""
+    return ", ".join(row.labels) + flag
+
+
+def quality_tables(rows: list[Row], command: Callable[[str], str]) -> list[str]:
+    """One markdown table per task/split: quality, delta to plain, labels used, costs, command."""
+    out: list[str] = []
+    plain = {(r.model, r.task, r.split): r for r in rows if r.recipe == "plain"}
+    for task, split in sorted({(r.task, r.split) for r in rows}, key=lambda ts: (TASKS.index(ts[0]), ts[1])):
+        out += [f"#### {task} ({split})", "",
+                "| model | configuration | labels used | nDCG@10 | Δ plain | R@100 | Δ plain | LLM cost (bank) "
+                "| steering s | query steps ms/q | adapter fit s | command |",
+                "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+        for r in [r for r in rows if (r.task, r.split) == (task, split)]:
+            base = plain.get((r.model, r.task, r.split))
+            fit = (r.cost.get("adapter_training") or {}).get("seconds")
+            out.append(f"| {r.model} | {r.recipe} | {_labels(r)} | {_fmt(r.ndcg)} | "
+                       f"{_delta(r.ndcg, base.ndcg if base else None)} | {_fmt(r.recall)} | "
+                       f"{_delta(r.recall, base.recall if base else None)} | {_llm_cost(r)} | "
+                       f"{_fmt(_steering_seconds(r), 1)} | {_fmt(_query_step_ms(r), 1)} | {_fmt(fit, 1)} | "
+                       f"`{command(r.cell)}` |")
+        out.append("")
+    return out
+
+
+def timing_table(timings: dict[str, dict[str, Any]]) -> list[str]:
+    if not timings:
+        return ["No cold encoding timing in this run (no task with a query bank selected)."]
+    out = ["| model / task | docs | configuration | cold index s | of which base encoding s | ratio to plain |",
+           "|---|---:|---|---:|---:|---:|"]
+    for key, record in timings.items():
+        plain_total = sum(record["seconds"]["plain"].values())
+        for name, parts in record["seconds"].items():
+            total = sum(parts.values())
+            out.append(f"| {key} | {record['docs']:,} | {name} | {total:.1f} | {parts.get('encode_corpus_s', 0):.1f} "
+                       f"| {total / plain_total:.2f}x |")
+    return out + ["", "Cold: no embedding cache, generated queries read from the bank (no LLM calls); plain and "
+                  "steered indexed one after the other in the same process on the same corpus."]
+
+
+def published_table(tasks: list[str], comparators: dict[str, str]) -> list[str]:
+    import mteb
+
+    from mteb_steer.published import NOT_FOUND, published_scores
+
+    out = ["**PUBLISHED numbers, not measured here** (copied from the MTEB results files linked; other "
+           "mteb versions and hardware).", "",
+           "| model | task | nDCG@10 (published) | R@100 (published) | MSMARCO in registry training data | source |",
+           "|---|---|---:|---:|---|---|"]
+    for p in published_scores(tasks):
+        try:
+            marco = "yes" if "MSMARCO" in (mteb.get_model_meta(p.model).training_datasets or ()) else "no"
+        except KeyError:
+            marco = "?"
+        out.append(f"| {p.model} | {p.task} | {p.ndcg_at_10:.4f} | {_fmt(p.recall_at_100)} | {marco} | "
+                   f"[{p.repo}: {p.path}]({p.url}) (mteb {p.mteb_version}) |")
+    out += ["", "Not found (no number shown): "
+            + "; ".join(f"{m} on {t if t != '*' else 'any task'}: {why}" for (m, t), why in NOT_FOUND.items()) + ".",
+            "", "Comparators tried for measurement in this run: "
+            + ("; ".join(f"{name}: {status}" for name, status in comparators.items())
+               or "none (only full runs without --only try to load them)") + "."]
+    return out
+
+
+def machine_lines(started: float) -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    mem = next((int(line.split()[1]) / 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0.0) if Path("/proc/meminfo").exists() else 0.0
+    versions = []
+    for pkg in PACKAGES:
+        try:
+            versions.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            versions.append(f"{pkg} -")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    return [f"- machine: {cpu}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, no GPU used; {platform.platform()}",
+            f"- Python {platform.python_version()}; {', '.join(versions)}",
+            f"- git commit {commit.strip() or '-'} (plus uncommitted changes, if any); "
+            f"run finished {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, wall time {time.time() - started:.0f} s"]
+
+
+PLOT_COLORS = {"plain": "#8c8c8c", "label-free": "#4c72b0", "labels": "#c44e52"}
+
+
+def _kind(row: Row) -> str:
+    return "plain" if row.recipe == "plain" else "labels" if row.labels else "label-free"
+
+
+def plots(rows: list[Row], out_dir: Path) -> list[Path]:
+    """Quality per task/configuration, and nDCG@10 gain vs steering seconds; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from mteb_steer.published import published_scores
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    panels = sorted({(r.task, r.split) for r in rows}, key=lambda ts: (TASKS.index(ts[0]), ts[1]))
+    if not panels:
+        return []
+    bars = {panel: [(f"{r.model}: {r.recipe}", r.ndcg, PLOT_COLORS[_kind(r)], "") for r in rows
+                    if (r.task, r.split) == panel]
+            + [(f"{p.model.split('/')[-1]} (PUBLISHED)", p.ndcg_at_10, "white", "///")
+               for p in published_scores([panel[0]])] for panel in panels}
+    height = max(len(b) for b in bars.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(9.0, 4.6 * len(panels) + 1.5), 0.3 * height + 1.8),
+                             squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        labels, values, colors, hatches = zip(*bars[panel], strict=True)
+        ax.barh(range(len(values)), values, color=colors, hatch=hatches, edgecolor="black", linewidth=0.5)
+        for y, value in enumerate(values):
+            ax.text(value, y, f" {value:.3f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(values)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.06))
+        ax.set_xlabel("nDCG@10")
+        ax.set_title(f"{panel[0]} ({panel[1]} split)", fontsize=10)
+    fig.legend(handles=[Patch(facecolor=PLOT_COLORS["plain"], label="plain base model"),
+                        Patch(facecolor=PLOT_COLORS["label-free"], label="steered, label-free"),
+                        Patch(facecolor=PLOT_COLORS["labels"], label="steered, uses labels (oracle/train)"),
+                        Patch(facecolor="white", hatch="///", edgecolor="black", label="published, not measured")],
+               loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Retrieval quality per configuration (measured on this machine unless marked PUBLISHED)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    quality = out_dir / "benchmark_quality.png"
+    fig.savefig(quality, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    plain = {(r.model, r.task, r.split): r.ndcg for r in rows if r.recipe == "plain"}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    markers = {"SciFact": "o", "ArguAna": "s", "TRECDLPool": "^"}
+    for r in rows:
+        if r.recipe == "plain" or (r.model, r.task, r.split) not in plain:
+            continue
+        seconds = (_steering_seconds(r) or 0.0) + (r.cost.get("adapter_training") or {}).get("seconds", 0.0)
+        gain = r.ndcg - plain[(r.model, r.task, r.split)]
+        ax.scatter(seconds, gain, marker=markers.get(r.task, "x"), color=PLOT_COLORS[_kind(r)], s=45)
+        ax.annotate(f"{r.recipe} ({r.model}, {r.task}{'' if r.split == 'test' else ' ' + r.split})",
+                    (seconds, gain), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("extra compute for steering, seconds (index + query steps + adapter fitting; symlog scale)")
+    ax.set_ylabel("nDCG@10 gain over the plain base model")
+    ax.set_title("Quality gain vs cost", fontsize=11)
+    ax.legend(handles=[*(plt.Line2D([], [], marker=m, ls="", color="black", label=t) for t, m in markers.items()),
+                       Patch(color=PLOT_COLORS["label-free"], label="label-free"),
+                       Patch(color=PLOT_COLORS["labels"], label="uses labels")], fontsize=8, loc="best")
+    fig.tight_layout()
+    gain = out_dir / "benchmark_gain_vs_cost.png"
+    fig.savefig(gain, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [quality, gain]
+
+
+def write_section(path: Path, lines: list[str]) -> None:
+    """Replace the text between the markers in `path` (appending markers when absent); the rest stays."""
+    text = path.read_text() if path.exists() else ""
+    block = "\n".join([MARK_START, *lines, MARK_END])
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
+def _cell_order(cell_id: str) -> tuple[int, str, int, int]:
+    model, recipe, task = cell_id.split("/")
+    names = [r.name for r in RECIPES]
+    return (list(MODELS).index(model) if model in MODELS else len(MODELS), model,
+            TASKS.index(task) if task in TASKS else len(TASKS), names.index(recipe) if recipe in names else len(names))
+
+
+def report(bench: Bench, outcomes: list[Outcome], timings: dict[str, Any], comparators: dict[str, str],
+           started: float, quick: bool) -> list[str]:
+    """The generated BENCHMARKS.md section: every cell with a result (this run or earlier ones)."""
+    rows = [row for cell_id in sorted(bench.cells, key=_cell_order) for row in bench.rows(cell_id)]
+    extra = f" --data-root {shlex.quote(str(bench.args.data_root))}" if bench.args.data_root else ""
+
+    def command(cell_id: str) -> str:
+        return f"python benchmark.py{extra} --only {cell_id}"
+
+    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    pngs = plots(rows, bench.out / "results" / "plots")
+    lines = ["## Benchmark: steering vs plain vs fine-tuned (generated by benchmark.py)", "",
+             f"Generated by `python benchmark.py {argv}`"
+             + (" (**quick run: a subset of the matrix was computed**)" if quick else "")
+             + ". Cells not computed in this run are read back from earlier runs (`results/benchmark/cells.json` "
+             "maps each cell to its result). Each row's `command` re-runs (or reads back) exactly that cell; results "
+             "are in `results/<org__model>/<revision>/<Task>.json` (mteb layout), costs in "
+             "`results/benchmark/costs.json`.",
+             "", *machine_lines(started), "", "### Measured quality", "",
+             "Δ plain: difference to the plain base model on the same task. `labels used`: labelled data the "
+             "steering was fitted on (model meta `training_datasets` beyond the base model's); rows using the "
+             "evaluated task's own labels are not comparable results (`refine-gold` is an oracle upper bound). "
+             "`steering s`: seconds in steering steps (index + search) with the embedding cache warm; "
+             "`query steps ms/q`: per-query time of query-side steps (refinement); `adapter fit s`: fitting the "
+             "adapter on cached vectors.", ""]
+    lines += quality_tables(rows, command)
+    for task, target in PUBLISHED_REPRODUCED.items():
+        got = next((r.ndcg for r in rows if (r.model, r.recipe, r.task) == ("minilm", "plain", task)), None)
+        if got is not None:
+            verdict = "reproduced" if abs(got - target) <= 0.001 else "NOT reproduced"
+            lines.append(f"- plain all-MiniLM-L6-v2 on {task}: {got:.4f} vs MTEB's published {target}: {verdict}")
+    lines += ["", "### Configurations", ""] + [f"- `{r.name}`: {r.what}" for r in RECIPES]
+    skipped = [o for o in outcomes if o.status in ("skip", "error")]
+    if skipped:
+        lines += ["", "### Cells not measured", ""] + [f"- `{o.cell}`: {o.status}: {o.message}" for o in skipped]
+    lines += ["", "### Corpus encoding cost, steered vs plain (cold)", "", *timing_table(timings),
+              "", "### Published comparators (not measured here)", "", *published_table(list(TASKS), comparators),
+              "", "### Plots", ""] + [f"![{p.stem}]({p.relative_to(bench.out).as_posix()})" for p in pngs]
+    return lines
+
+
+# -- main ------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=None, help="folder with scifact/, arguana/, arguana-genq/, "
+                        "msmarco-trec-dl-pool/ (default $MTEB_STEER_DATA_ROOT or ../shared/datasets)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"MiniLM on {', '.join(QUICK_TASKS)}, the cheaper configurations, cached banks, "
+                             f"cold timing on {QUICK_TIMING_DOCS} passages (< 15 min on 2 CPU cores)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                        help="run only cells whose id model/configuration/task matches (see above)")
+    parser.add_argument("--output-folder", default=None, help="where results/ lives (default: current dir)")
+    parser.add_argument("--benchmarks-md", default=None, help="file to write the section into (default: "
+                        "<output-folder>/BENCHMARKS.md)")
+    default_cache = os.environ.get("MTEB_STEER_EMBEDDING_CACHE", str(Path.home() / ".cache/mteb_steer/embeddings"))
+    parser.add_argument("--embedding-cache", default=default_cache,
+                        help="base-embedding cache for quality cells (timing runs never use it)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-timing", action="store_true", help="skip the cold encoding timing")
+    parser.add_argument("--retime", action="store_true", help="re-measure the cold encoding timing")
+    parser.add_argument("--online", action="store_true",
+                        help="allow Hugging Face hub downloads, so comparators can be measured (default: offline)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.online:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from tqdm.auto import tqdm
+
+    from mteb_steer.published import COMPARATORS, load_comparator
+
+    started = time.time()
+    bench = Bench(args)
+    cells = select_cells(bench, args.quick, args.only)
+    if not cells:
+        raise SystemExit(f"benchmark: no cell matches {args.only}")
+    outcomes: list[Outcome] = []
+    bar = tqdm(cells, desc="benchmark", unit="cell")
+    for cell in bar:
+        bar.set_postfix_str(cell.id)
+        outcome = bench.run(cell)
+        outcomes.append(outcome)
+        tqdm.write(f"{cell.id}: {outcome.status} {outcome.message}")
+
+    comparators: dict[str, str] = {}
+    if not args.only and not args.quick:
+        for name in COMPARATORS:
+            loaded = load_comparator(name, device=args.device, cache_dir=args.embedding_cache)
+            if isinstance(loaded, str):
+                comparators[name] = f"not loadable ({loaded}): published numbers shown"
+                continue
+            key = name.split("/")[-1]
+            bench.adopt(key, name, loaded)
+            for task in TASKS:
+                outcome = bench.run(Cell(key, RECIPES[0], task, bench))
+                outcomes.append(outcome)
+                tqdm.write(f"{outcome.cell}: {outcome.status} {outcome.message}")
+            comparators[name] = "measured (rows above)"
+
+    timings: dict[str, Any] = {}
+    if not args.no_timing:
+        for model in [m for m in MODELS if m in {cell.model for cell in cells}]:
+            for task in [t for t in TASKS if t in {cell.task for cell in cells}]:
+                try:
+                    record = bench.encode_timing(model, task, QUICK_TIMING_DOCS if args.quick else None)
+                except Exception as err:  # a timing failure is reported, the quality tables still get written
+                    outcomes.append(Outcome(f"timing {model}/{task}", "error", f"{type(err).__name__}: {err}"))
+                    continue
+                if record is not None:
+                    timings[f"{model} / {task}"] = record
+    target = Path(args.benchmarks_md) if args.benchmarks_md else bench.out / "BENCHMARKS.md"
+    write_section(target, report(bench, outcomes, timings, comparators, started, args.quick))
+    errors = [o for o in outcomes if o.status == "error"]
+    print(f"benchmark: {len(outcomes)} cells ({sum(o.status == 'ran' for o in outcomes)} ran, "
+          f"{sum(o.status == 'cached' for o in outcomes)} read back, {sum(o.status == 'skip' for o in outcomes)} "
+          f"skipped, {len(errors)} errors) in {time.time() - started:.0f} s; wrote {target}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

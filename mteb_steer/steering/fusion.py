@@ -1,0 +1,375 @@
+"""Fuse passage vectors with the embeddings of the queries generated for them (corpus steering).
+
+An LLM (or docT5query) writes the queries a passage answers; the passage vector moves toward
+them, so real queries phrased like those land closer. Generated queries are embedded as
+queries (`PromptType.query`, base vectors, no query transforms), passages as documents.
+
+With `p` the passage vector, `q_1..q_n` its query vectors and weights `w_i` (1 each, or from
+query-passage similarity, always averaging 1 over a passage's queries):
+
+- mean:   f = normalize((1 - alpha) * p + alpha * sum_i w_i q_i / n)
+- sum:    f = normalize(p + beta * sum_i w_i q_i)                     (xQG4xDR)
+- rotate: c = normalize(sum_i w_i q_i); move unit p along the great circle toward c by the
+          angle phi = min(angle(p, c), arccos(1 - gamma / 2)), i.e. the largest step with
+          ||f - p||^2 <= gamma and ||f|| = 1, never past c               (NUDGE-N, label-free)
+
+A passage without queries keeps its vector unchanged. The strength (`alpha`/`beta`/`gamma`)
+may be "auto": one generated query per passage (passages with >= 2) is held out, the rest are
+fused at each grid value, and the value under which the held-out queries best retrieve their
+own passage from the whole fused corpus (MRR@10) wins. No task label is ever read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from mteb.types import PromptType
+
+from mteb_steer.steering.banks import BankError, QueryBank, bank_fingerprint, bank_stats
+from mteb_steer.steps import CorpusIndex, QueryBatch
+
+if TYPE_CHECKING:
+    from mteb_steer.encoder import SteerEncoder
+
+logger = logging.getLogger(__name__)
+
+FusionMethod = Literal["mean", "sum", "rotate"]
+Weighting = Literal["uniform", "similarity"]
+Strength = float | Literal["auto"]
+
+STRENGTH_NAME: dict[str, str] = {"mean": "alpha", "sum": "beta", "rotate": "gamma"}
+DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
+    "mean": (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
+    "sum": (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3),
+    "rotate": (0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32),
+}
+SCORE_CHUNK = 2048  # held-out queries scored per block (bounds the (chunk, n_docs) matrix)
+
+
+# -- the math, vectorised over all passages --------------------------------------------------------
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def fuse_mean(passages: np.ndarray, query_sums: np.ndarray, counts: np.ndarray, alpha: float) -> np.ndarray:
+    """normalize((1 - alpha) p + alpha * mean_i q_i) per row; rows with count 0 are returned as given.
+
+    passages, query_sums: (n, d) (query_sums = sum_i w_i q_i); counts: (n,) number of queries.
+    """
+    has = counts > 0
+    out = passages.astype(np.float64, copy=True)
+    mean = query_sums[has] / counts[has, None]
+    out[has] = _normalize((1.0 - alpha) * out[has] + alpha * mean)
+    return out
+
+
+def fuse_sum(passages: np.ndarray, query_sums: np.ndarray, counts: np.ndarray, beta: float) -> np.ndarray:
+    """normalize(p + beta * sum_i q_i) per row; rows with count 0 are returned as given."""
+    has = counts > 0
+    out = passages.astype(np.float64, copy=True)
+    out[has] = _normalize(out[has] + beta * query_sums[has])
+    return out
+
+
+def fuse_rotate(passages: np.ndarray, query_sums: np.ndarray, counts: np.ndarray, gamma: float) -> np.ndarray:
+    """Rotate unit p toward c = normalize(sum_i q_i) by min(angle(p, c), arccos(1 - gamma/2)).
+
+    The result is unit norm with ||f - p||^2 <= gamma (chord bound) and never passes c. Rows
+    with count 0, or whose queries sum to zero or point exactly away from p, are returned as given.
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0 (a squared distance), got {gamma}")
+    p = _normalize(passages.astype(np.float64))
+    sums = query_sums.astype(np.float64)
+    c = _normalize(sums)
+    cos_pc = np.clip(np.einsum("ij,ij->i", p, c), -1.0, 1.0)
+    ortho = c - cos_pc[:, None] * p                        # component of c orthogonal to p
+    ortho_norm = np.linalg.norm(ortho, axis=1)
+    theta = np.arccos(cos_pc)
+    phi = np.minimum(theta, np.arccos(np.clip(1.0 - gamma / 2.0, -1.0, 1.0)))
+    moves = (counts > 0) & (np.linalg.norm(sums, axis=1) > 0) & (ortho_norm > 1e-12)
+    out = passages.astype(np.float64, copy=True)
+    u = ortho[moves] / ortho_norm[moves, None]
+    out[moves] = np.cos(phi[moves])[:, None] * p[moves] + np.sin(phi[moves])[:, None] * u
+    return out
+
+
+FUSERS = {"mean": fuse_mean, "sum": fuse_sum, "rotate": fuse_rotate}
+
+
+# -- generated queries of a corpus ------------------------------------------------------------------
+
+@dataclass
+class CorpusQueries:
+    """The bank's queries for one corpus, flattened: query j belongs to corpus row `owner[j]`.
+
+    `vectors` (n_queries, dim) float32 are the encoder's base query embeddings.
+    """
+
+    texts: list[str]
+    owner: np.ndarray
+    vectors: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> CorpusQueries:
+        """The queries where boolean mask `keep` holds."""
+        return CorpusQueries([t for t, k in zip(self.texts, keep, strict=True) if k], self.owner[keep],
+                             self.vectors[keep])
+
+
+def corpus_queries(bank: QueryBank, index: CorpusIndex, encoder: SteerEncoder) -> CorpusQueries:
+    """Embed, in one batched call, the bank's queries of the passages in `index` (corpus row order).
+
+    Bank passages absent from the corpus are ignored; a bank sharing no id with the corpus is an
+    error raised before any embedding (it is almost surely the bank of another corpus).
+    """
+    rows = [(index.id_to_row[doc_id], queries) for doc_id, queries in bank.items() if doc_id in index.id_to_row]
+    if not rows:
+        raise BankError(f"the query bank ({len(bank)} passages, e.g. {list(bank)[:3]}) shares no passage id "
+                        f"with the corpus of {index.task_name or 'this task'} (e.g. {index.ids[:3]})")
+    rows.sort(key=lambda item: item[0])
+    texts = [q for _, queries in rows for q in queries]
+    owner = np.fromiter((row for row, queries in rows for _ in queries), dtype=np.int64, count=len(texts))
+    outside = len(bank) - len(rows)
+    logger.info("query bank: %d of %d corpus passages have queries (%d queries); %d bank passages not in corpus",
+                len({r for r, q in rows if q}), len(index.ids), len(texts), outside)
+    vectors = encoder.embed(texts, PromptType.query, apply_transforms=False, show_progress_bar=len(texts) > 1000)
+    return CorpusQueries(texts=texts, owner=owner, vectors=np.asarray(vectors, dtype=np.float32))
+
+
+def passage_similarity(queries: CorpusQueries, passages: np.ndarray) -> np.ndarray:
+    """Cosine of each generated query with its own passage, shape (n_queries,)."""
+    q = _normalize(queries.vectors.astype(np.float64))
+    p = _normalize(passages.astype(np.float64))[queries.owner]
+    return np.einsum("ij,ij->i", q, p)
+
+
+def similarity_weights(queries: CorpusQueries, passages: np.ndarray, temperature: float) -> np.ndarray:
+    """Per-query weights softmax(cos(q_i, p) / temperature) within each passage, scaled to average 1.
+
+    Queries that match their passage well count more; temperature -> inf gives uniform weights.
+    """
+    n_docs = passages.shape[0]
+    logits = passage_similarity(queries, passages) / temperature
+    peak = np.full(n_docs, -np.inf)
+    np.maximum.at(peak, queries.owner, logits)
+    raw = np.exp(logits - peak[queries.owner])
+    totals = np.bincount(queries.owner, weights=raw, minlength=n_docs)
+    counts = np.bincount(queries.owner, minlength=n_docs)
+    return raw / totals[queries.owner] * counts[queries.owner]
+
+
+def weighted_sums(queries: CorpusQueries, weights: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sum_i w_i q_i per passage (n_docs, d) float64, number of queries per passage (n_docs,))."""
+    n = len(queries.owner)
+    incidence = sp.csr_matrix((weights, (queries.owner, np.arange(n))), shape=(n_docs, n))
+    sums = np.asarray(incidence @ queries.vectors.astype(np.float64))
+    return sums, np.bincount(queries.owner, minlength=n_docs)
+
+
+def hold_out_one(owner: np.ndarray, n_docs: int, seed: int) -> np.ndarray:
+    """Boolean mask over queries: one query, chosen at random (seeded), of every passage with >= 2."""
+    counts = np.bincount(owner, minlength=n_docs)
+    order = np.argsort(owner, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    eligible = np.flatnonzero(counts >= 2)
+    picks = np.random.default_rng(seed).integers(0, counts[eligible])
+    mask = np.zeros(len(owner), dtype=bool)
+    mask[order[starts[eligible] + picks]] = True
+    return mask
+
+
+def mrr_at_10(queries: np.ndarray, targets: np.ndarray, corpus: np.ndarray, encoder: SteerEncoder) -> float:
+    """Mean reciprocal rank (cut at 10) of each query's target row among all corpus rows (ties favour it)."""
+    total = 0.0
+    for start in range(0, len(queries), SCORE_CHUNK):
+        scores = torch.as_tensor(encoder.similarity(queries[start:start + SCORE_CHUNK], corpus))
+        rows = torch.as_tensor(targets[start:start + SCORE_CHUNK])
+        own = scores[torch.arange(len(rows)), rows]
+        rank = (scores > own[:, None]).sum(dim=1)
+        total += ((rank < 10) / (rank.double() + 1.0)).sum().item()
+    return total / max(len(queries), 1)
+
+
+@dataclass
+class AutoSelection:
+    """What "auto" chose on one corpus: the grid, the held-out MRR@10 at each value, the winner."""
+
+    parameter: str
+    grid: list[float]
+    scores: list[float]
+    chosen: float
+    heldout_queries: int
+
+    def table(self) -> str:
+        return "  ".join(f"{self.parameter}={v:g}:{s:.4f}" for v, s in zip(self.grid, self.scores, strict=True))
+
+
+# -- the corpus step ---------------------------------------------------------------------------------
+
+class QueryFusion:
+    """CorpusStep: fuse each passage vector with its generated queries (see the module docstring).
+
+    Args:
+        bank: doc_id -> generated queries (see `mteb_steer.steering.banks`).
+        method: "mean", "sum" or "rotate".
+        alpha / beta / gamma: the strength of "mean" / "sum" / "rotate" (only the method's own may be
+            given); a float, or "auto" (the default) for the label-free held-out selection.
+        grid: values tried by "auto" (default: DEFAULT_GRIDS[method]).
+        seed: which query per passage "auto" holds out.
+        weighting: "uniform", or "similarity" (softmax of query-passage cosine / temperature).
+        temperature: softmax temperature of the "similarity" weighting.
+        drop_fraction: Doc2Query-- style filter: drop this fraction of all generated queries, those
+            least similar to their own passage, before fusing (0 keeps all).
+    """
+
+    def __init__(self, bank: QueryBank, method: FusionMethod = "mean", *, alpha: Strength | None = None,
+                 beta: Strength | None = None, gamma: Strength | None = None, grid: Sequence[float] | None = None,
+                 seed: int = 0, weighting: Weighting = "uniform", temperature: float = 0.05,
+                 drop_fraction: float = 0.0) -> None:
+        if method not in FUSERS:
+            raise ValueError(f"unknown fusion method {method!r}; choose one of {sorted(FUSERS)}")
+        given = {"alpha": alpha, "beta": beta, "gamma": gamma}
+        own = STRENGTH_NAME[method]
+        stray = [name for name, value in given.items() if value is not None and name != own]
+        if stray:
+            raise ValueError(f"fusion {method!r} takes {own}, not {', '.join(stray)}")
+        strength = "auto" if given[own] is None else given[own]
+        if strength != "auto" and (isinstance(strength, str) or not np.isfinite(strength) or strength < 0):
+            raise ValueError(f"{own} must be a number >= 0 or 'auto', got {strength!r}")
+        if method == "mean" and strength != "auto" and strength > 1:
+            raise ValueError(f"alpha is a mixing weight in [0, 1], got {strength}")
+        self.grid = [float(v) for v in (grid if grid is not None else DEFAULT_GRIDS[method])]
+        if not self.grid or any(v < 0 for v in self.grid):
+            raise ValueError(f"the auto grid must be non-empty values >= 0, got {self.grid}")
+        if weighting not in ("uniform", "similarity"):
+            raise ValueError(f"weighting must be 'uniform' or 'similarity', got {weighting!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+        if not bank or bank_stats(bank)["queries"] == 0:
+            raise BankError("the query bank holds no queries")
+        self.bank = bank
+        self.method = method
+        self.parameter = own
+        self.strength: Strength = strength
+        self.seed = seed
+        self.weighting = weighting
+        self.temperature = temperature
+        self.drop_fraction = drop_fraction
+        self.fingerprint = bank_fingerprint(bank)
+        self.selections: dict[str, AutoSelection] = {}
+
+    @property
+    def tag(self) -> str:
+        value = "auto" if self.strength == "auto" else f"{self.strength:g}"
+        extra = ("-simw" if self.weighting == "similarity" else "") + (
+            f"-drop{self.drop_fraction:g}" if self.drop_fraction else "")
+        return f"fuse-{self.method}-{self.parameter[0]}{value}{extra}"
+
+    def describe(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"method": self.method, self.parameter: self.strength, "bank": self.fingerprint,
+                                  **{f"bank_{k}": v for k, v in bank_stats(self.bank).items()},
+                                  "weighting": self.weighting, "drop_fraction": self.drop_fraction}
+        if self.weighting == "similarity":
+            config["temperature"] = self.temperature
+        if self.strength == "auto":
+            config.update(grid=self.grid, seed=self.seed, selection="heldout-generated-query MRR@10")
+        return config
+
+    @property
+    def training_datasets(self) -> set[str]:
+        return set()
+
+    def fuse(self, passages: np.ndarray, queries: CorpusQueries, strength: float) -> np.ndarray:
+        """Fused (n_docs, d) float64 vectors of `passages` with `queries` at one strength."""
+        weights = (similarity_weights(queries, passages, self.temperature) if self.weighting == "similarity"
+                   else np.ones(len(queries.owner)))
+        sums, counts = weighted_sums(queries, weights, passages.shape[0])
+        return FUSERS[self.method](passages, sums, counts, strength)
+
+    def filter_queries(self, queries: CorpusQueries, passages: np.ndarray) -> CorpusQueries:
+        """Drop the `drop_fraction` of queries least similar to their passage (Doc2Query--)."""
+        if not self.drop_fraction:
+            return queries
+        sims = passage_similarity(queries, passages)
+        keep = sims > np.quantile(sims, self.drop_fraction)
+        logger.info("query filter: kept %d of %d generated queries (cos to passage > %.3f)",
+                    keep.sum(), len(keep), np.quantile(sims, self.drop_fraction))
+        return queries.subset(keep)
+
+    def select(self, passages: np.ndarray, queries: CorpusQueries, encoder: SteerEncoder,
+               task_name: str = "") -> AutoSelection:
+        """Label-free choice of the strength: held-out generated queries retrieving their own passage."""
+        held = hold_out_one(queries.owner, passages.shape[0], self.seed)
+        if not held.any():
+            raise BankError(f"{self.parameter}='auto' needs passages with >= 2 generated queries; "
+                            f"{task_name or 'this corpus'} has none (give {self.parameter} explicitly)")
+        rest, probe = queries.subset(~held), queries.subset(held)
+        scores = [mrr_at_10(probe.vectors, probe.owner, self.fuse(passages, rest, value).astype(np.float32), encoder)
+                  for value in self.grid]
+        best = int(np.argmax(scores))  # first maximum: the smallest strength among ties
+        selection = AutoSelection(self.parameter, list(self.grid), scores, self.grid[best], int(held.sum()))
+        logger.info("%s auto (%s, %d held-out queries): %s -> %s=%g", self.tag, task_name, selection.heldout_queries,
+                    selection.table(), self.parameter, selection.chosen)
+        return selection
+
+    def steer_corpus(self, index: CorpusIndex, encoder: SteerEncoder) -> np.ndarray:
+        """The fused document vectors, float32 (n_docs, dim), in index row order."""
+        queries = self.filter_queries(corpus_queries(self.bank, index, encoder), index.embeddings)
+        strength = self.strength
+        if strength == "auto":
+            selection = self.select(index.embeddings, queries, encoder, index.task_name)
+            self.selections[index.task_name] = selection
+            strength = selection.chosen
+        return self.fuse(index.embeddings, queries, float(strength)).astype(np.float32)
+
+
+class MultiVectorMax:
+    """ScoreFusion: a passage is also represented by its generated queries; score = max over them.
+
+    score(query, d) = max(dense(query, p_d), max_i sim(query, q_{d,i}) - margin). The generated
+    queries are embedded at `fit` (base query vectors, as in QueryFusion). `margin` >= 0 handicaps
+    query-to-query matches, which are easier than query-to-passage ones.
+    """
+
+    def __init__(self, bank: QueryBank, encoder: SteerEncoder, *, margin: float = 0.0) -> None:
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.bank = bank
+        self.encoder = encoder
+        self.margin = margin
+        self.fingerprint = bank_fingerprint(bank)
+        self.queries_: CorpusQueries | None = None
+
+    @property
+    def tag(self) -> str:
+        return f"maxsim-m{self.margin:g}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "multi-vector max", "margin": self.margin, "bank": self.fingerprint,
+                **{f"bank_{k}": v for k, v in bank_stats(self.bank).items()}}
+
+    @property
+    def training_datasets(self) -> set[str]:
+        return set()
+
+    def fit(self, index: CorpusIndex) -> None:
+        self.queries_ = corpus_queries(self.bank, index, self.encoder)
+
+    def fuse(self, queries: QueryBatch, dense_scores: torch.Tensor, index: CorpusIndex) -> torch.Tensor:
+        """(n_queries, n_docs) scores: elementwise max of dense and best-generated-query similarity."""
+        if self.queries_ is None:
+            raise ValueError("MultiVectorMax.fit(index) must run before fuse()")
+        gen = torch.as_tensor(self.encoder.similarity(queries.embeddings, self.queries_.vectors)) - self.margin
+        owner = torch.as_tensor(self.queries_.owner).expand(gen.shape[0], -1)
+        best = dense_scores.clone()
+        return best.scatter_reduce_(1, owner, gen.to(best.dtype), reduce="amax", include_self=True)

@@ -1,0 +1,620 @@
+"""Ask an LLM which queries each passage answers: any OpenAI-compatible endpoint, cached, resumable.
+
+Why: corpus steering moves each passage vector toward the queries it answers; those queries come
+from a language model. This module turns `{doc_id: passage}` into a query bank `{doc_id: [query]}`:
+
+- one request per passage returns all N queries as a numbered list (parsed), in one of two modes:
+  `chat` for instruction-tuned models, `completion` with a 2-shot prompt for base models (the
+  bundled Gemma-3-270m writes usable queries only that way);
+- requests run on a bounded thread pool; timeouts, connection errors, 429 and 5xx are retried
+  with exponential backoff and jitter; output that parses into no query is retried with another
+  seed and a shorter passage, then recorded as a failure naming the passage id (never cached, so a
+  rerun tries again);
+- every passage's queries go to the disk cache (`llm_cache.QueryCache`) the moment they arrive,
+  so a killed run loses nothing and a second run over the same corpus sends zero requests;
+- with no endpoint configured (`base_url` or `OPENAI_BASE_URL`), a local llama.cpp server with
+  the bundled Gemma-3-270m is started for the run (`llm_server.local_llm_server`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import openai
+from tqdm.auto import tqdm
+
+from mteb_steer.identity import stable_hash
+from mteb_steer.steering.banks import QueryBank, load_bank, save_bank
+from mteb_steer.steering.llm_cache import CacheEntry, QueryCache
+from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["chat", "completion"]
+Passages = Mapping[str, str] | Sequence[tuple[str, str]]
+
+CHARS_PER_TOKEN = 4  # token estimate for truncation: English/scientific text runs ~4 chars a token
+MIN_RETRY_TOKENS = 32  # a retry after an unusable answer never cuts the passage below this
+NO_KEY = "sk-no-key-needed"  # the openai client insists on some key; local servers ignore it
+
+# -- prompts (bump the version when the text changes; the text itself is in the cache key too) ----
+
+PROMPT_VERSION = "v1"
+
+_FEW_SHOT: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        (
+            "Vitamin D deficiency and hip fractures in older adults. We followed 2,400 adults aged over 65 "
+            "for five years. Participants with low serum vitamin D had a 40% higher rate of hip fractures "
+            "than those with normal levels, after adjusting for age, sex and physical activity. "
+            "Supplementation lowered the risk only when combined with calcium."
+        ),
+        (
+            "does low vitamin D increase the risk of hip fracture in older adults",
+            "vitamin D and calcium supplementation to prevent fractures",
+            "serum vitamin D levels and bone health in the elderly",
+            "is vitamin D supplementation alone enough to prevent fractures",
+            "cohort study of vitamin D deficiency in people over 65",
+        ),
+    ),
+    (
+        (
+            "Coral bleaching. When sea temperatures stay above normal for several weeks, corals expel the "
+            "algae that live in their tissues and turn white. Without the algae they lose their main source "
+            "of food and many die. Mass bleaching hit the Great Barrier Reef in 1998, 2002, 2016 and 2017."
+        ),
+        (
+            "what causes coral bleaching",
+            "why do corals turn white when the water is too warm",
+            "years of mass bleaching on the Great Barrier Reef",
+            "how does ocean warming kill coral reefs",
+            "relationship between corals and the algae in their tissues",
+        ),
+    ),
+)
+MAX_FEW_SHOT_QUERIES = len(_FEW_SHOT[0][1])
+_EXAMPLE_QUERIES = frozenset(q.lower() for _, qs in _FEW_SHOT for q in qs)
+
+_COMPLETION_HEADER = (
+    "Each passage below is followed by search queries that it answers. Every query is specific: "
+    "it names the topic, substances or findings of its own passage.\n\n"
+)
+_QUERIES_LINE = "Search queries answered by this passage:"
+
+CHAT_SYSTEM = "You write search queries. Answer with a numbered list of queries only, one per line."
+CHAT_USER_V1 = (
+    "Write {n} different search queries that the passage below answers. Each query must be specific "
+    "to this passage (name its topic, substances or findings) and read like something a person "
+    "would type into a search engine.\n\nPassage: {passage}"
+)
+
+
+def few_shot_prompt(n: int) -> str:
+    """The built-in 2-shot completion template for N queries; `{passage}` marks where the passage goes."""
+    shots = [
+        f"Passage: {text}\n{_QUERIES_LINE}\n" + "\n".join(f"{i}. {q}" for i, q in enumerate(queries[:n], 1)) + "\n"
+        for text, queries in _FEW_SHOT
+    ]
+    return _COMPLETION_HEADER + "\n".join(shots) + f"\nPassage: {{passage}}\n{_QUERIES_LINE}\n1."
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenConfig:
+    """Everything about one generation run.
+
+    Output-changing fields (model, mode, num_queries, temperature, top_p, max_tokens, seed, prompt
+    and prompt_version, max_passage_tokens, require_overlap) form `identity()`, the cache key;
+    the others (concurrency, timeout, retries, backoff) only change how requests are sent.
+
+    model: the name the endpoint knows; None = the embedded server's model.
+    mode: "chat" (instruction-tuned models) or "completion" (base models, 2-shot prompt).
+    prompt: custom template with `{passage}` (and optionally `{n}`); for chat it is the user
+        message, for completion the whole prompt (end it where the first query starts, e.g. "1.").
+    max_tokens: answer budget; None = 32 tokens per query.
+    max_passage_tokens: longer passages are cut (estimate: CHARS_PER_TOKEN chars a token).
+    require_overlap: drop queries sharing no content word with their passage (generic or copied ones).
+    """
+
+    model: str | None = None
+    mode: Mode = "completion"
+    num_queries: int = 3
+    temperature: float = 0.2
+    top_p: float = 0.95
+    max_tokens: int | None = None
+    seed: int = 0
+    prompt: str | None = None
+    prompt_version: str = PROMPT_VERSION
+    max_passage_tokens: int = 768
+    require_overlap: bool = True
+    concurrency: int = 4
+    timeout: float = 120.0
+    retries: int = 3
+    backoff: float = 1.0
+    backoff_cap: float = 30.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in ("chat", "completion"):
+            problems.append(f"mode must be 'chat' or 'completion', got {self.mode!r}")
+        if self.num_queries < 1:
+            problems.append(f"num_queries must be >= 1, got {self.num_queries}")
+        if self.mode == "completion" and self.prompt is None and self.num_queries > MAX_FEW_SHOT_QUERIES:
+            problems.append(f"the built-in 2-shot prompt shows {MAX_FEW_SHOT_QUERIES} queries per example; "
+                            f"num_queries={self.num_queries} needs a custom prompt or chat mode")
+        if self.prompt is not None and "{passage}" not in self.prompt:
+            problems.append("a custom prompt must contain the placeholder {passage}")
+        if not self.prompt_version:
+            problems.append("prompt_version must not be empty")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            problems.append(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_passage_tokens < 16:
+            problems.append(f"max_passage_tokens must be >= 16, got {self.max_passage_tokens}")
+        if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
+            problems.append("need concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0")
+        if problems:
+            raise ValueError("invalid generation config: " + "; ".join(problems))
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.max_tokens or 32 * self.num_queries
+
+    def template(self) -> tuple[str, str]:
+        """(system message, prompt) with `{n}` filled and `{passage}` still open; system is "" unless chat.
+
+        For chat the prompt is the user message; for completion, the whole text sent.
+        """
+        n = str(self.num_queries)
+        if self.prompt is not None:
+            return "", self.prompt.replace("{n}", n)
+        if self.mode == "completion":
+            return "", few_shot_prompt(self.num_queries)
+        return CHAT_SYSTEM, CHAT_USER_V1.replace("{n}", n)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the output: the cache key's generator part and the bank's provenance. No secrets."""
+        if self.model is None:
+            raise ValueError("GenConfig.model is not resolved yet (pass --llm-model or use the embedded server)")
+        return {
+            "model": self.model, "mode": self.mode, "prompt_version": self.prompt_version,
+            "prompt_sha": stable_hash(list(self.template()), length=16), "num_queries": self.num_queries,
+            "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.answer_tokens,
+            "seed": self.seed, "max_passage_tokens": self.max_passage_tokens,
+            "require_overlap": self.require_overlap,
+        }
+
+
+# -- input checks ---------------------------------------------------------------------------------
+
+@dataclass
+class PreparedPassages:
+    """Passages as they will be sent: (id, text) in input order, plus what was skipped or cut."""
+
+    items: list[tuple[str, str]]
+    empty: list[str]
+    truncated: list[str]
+
+
+def truncate_passage(text: str, max_tokens: int) -> tuple[str, bool]:
+    """Cut `text` to about `max_tokens` tokens (CHARS_PER_TOKEN chars each), at a word boundary."""
+    limit = max_tokens * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text, False
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(), True
+
+
+def prepare_passages(passages: Passages, max_passage_tokens: int) -> PreparedPassages:
+    """Check and normalise input before any request: duplicate ids raise, empty passages are set aside."""
+    pairs = list(passages.items()) if isinstance(passages, Mapping) else [tuple(p) for p in passages]
+    seen: set[str] = set()
+    dupes: list[str] = []
+    for doc_id, _ in pairs:
+        if doc_id in seen:
+            dupes.append(doc_id)
+        seen.add(doc_id)
+    if dupes:
+        raise ValueError(f"duplicate passage id(s) {sorted(set(dupes))[:5]} ({len(dupes)} duplicate row(s)); "
+                         "ids must be unique, nothing was sent")
+    items, empty, truncated = [], [], []
+    for doc_id, text in pairs:
+        if not isinstance(doc_id, str) or not isinstance(text, str):
+            raise TypeError(f"passage {doc_id!r}: id and text must be strings, got "
+                            f"{type(doc_id).__name__} and {type(text).__name__}")
+        text = " ".join(text.split())
+        if not text:
+            empty.append(doc_id)
+            continue
+        text, cut = truncate_passage(text, max_passage_tokens)
+        if cut:
+            truncated.append(doc_id)
+        items.append((doc_id, text))
+    return PreparedPassages(items, empty, truncated)
+
+
+# -- parsing ------------------------------------------------------------------------------------------
+
+class UnparseableOutput(ValueError):
+    """The model's answer held no usable query."""
+
+
+_ITEM_PREFIX = re.compile(r"^\s*(?:\d{1,2}\s*[.):]|[-*•])\s*")
+_WORD = re.compile(r"[^\W\d_]{2,}")
+_CONTENT_WORD = re.compile(r"[^\W_]{4,}")
+_STOPWORDS = frozenset((
+    "what", "which", "when", "where", "does", "this", "that", "with", "from", "have", "their", "there", "these",
+    "those", "about", "into", "more", "most", "other", "such", "than", "them", "they", "were", "will", "would",
+    "could", "should", "also", "been", "being", "some", "only", "over", "very", "your", "after", "before",
+    "study", "studies", "article", "paper", "passage", "research", "effect", "effects", "role", "between",
+    "query", "queries", "search", "using", "used", "based",
+))
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in _CONTENT_WORD.findall(text.lower()) if w not in _STOPWORDS}
+
+
+def parse_queries(answer: str, n: int, passage: str, *, truncated_answer: bool = False,
+                  require_overlap: bool = True) -> list[str]:
+    """The first `n` distinct usable queries of a numbered (or one-per-line) answer.
+
+    A line is used when, after stripping list markers and quotes, it has >= 2 words, <= 64 words,
+    does not end with ':' (a preamble), is not a prompt example, and (with require_overlap) shares a
+    content word with the passage. A cut-off last line (`truncated_answer`) is dropped. Lines after
+    an echoed "Passage:" are ignored. Raises UnparseableOutput when nothing is left.
+    """
+    lines = answer.split("\n")
+    if truncated_answer and len(lines) > 1:
+        lines = lines[:-1]
+    passage_words = _content_words(passage) if require_overlap else set()
+    queries: list[str] = []
+    seen: set[str] = set()
+    for line in lines:
+        if line.strip().lower().startswith("passage:"):
+            break
+        query = _ITEM_PREFIX.sub("", line).strip().strip("\"'`").strip()
+        words = _WORD.findall(query)
+        key = query.lower()
+        if (len(words) < 2 or len(query.split()) > 64 or query.endswith(":") or key in seen
+                or key in _EXAMPLE_QUERIES or (require_overlap and not _content_words(query) & passage_words)):
+            continue
+        seen.add(key)
+        queries.append(query)
+        if len(queries) == n:
+            break
+    if not queries:
+        raise UnparseableOutput(f"no usable query in {answer[:120]!r}")
+    return queries
+
+
+# -- retries ------------------------------------------------------------------------------------------
+
+class GenerationError(RuntimeError):
+    """The endpoint rejects every request (bad key, unknown model or URL): the run stops."""
+
+
+class PassageFailure(RuntimeError):
+    """One passage got no queries (attempts used up, or a request the endpoint rejects): recorded, not raised."""
+
+
+_RETRY_STATUS = {408, 409, 429}
+_FATAL_STATUS = {401, 403, 404}
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with equal jitter: uniform in [d/2, d], d = min(cap, base * 2**attempt)."""
+    d = min(cap, base * 2.0 ** attempt)
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+def _retry_after(err: openai.APIStatusError) -> float | None:
+    try:
+        return float(err.response.headers.get("retry-after", ""))
+    except (ValueError, TypeError):
+        return None
+
+
+# -- the generator ------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationReport:
+    """Outcome of a run: the bank (cached + new), what failed and why, and the cost."""
+
+    bank: QueryBank = field(default_factory=dict)
+    cached: int = 0
+    generated: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("cached", "generated", "requests", "prompt_tokens", "completion_tokens")
+        return {"passages_with_queries": len(self.bank), "failed": len(self.failures), "empty": len(self.empty),
+                "truncated": len(self.truncated), **{k: getattr(self, k) for k in keys},
+                "seconds": round(self.seconds, 1)}
+
+
+def _endpoint(base_url: str | None) -> str | None:
+    return base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+
+class QueryGenerator:
+    """Sends one request per passage to an OpenAI-compatible endpoint and parses N queries from it.
+
+    base_url / api_key default to OPENAI_BASE_URL / OPENAI_API_KEY. `config.model` must be set.
+    The openai client's own retries are off: this class retries (and counts requests) itself.
+    """
+
+    def __init__(self, config: GenConfig, *, base_url: str | None = None, api_key: str | None = None) -> None:
+        base_url = _endpoint(base_url)
+        if not base_url:
+            raise ValueError("no LLM endpoint: pass base_url (--llm-base-url) or set OPENAI_BASE_URL")
+        if config.model is None:
+            raise ValueError(f"no model name for endpoint {base_url}: pass --llm-model NAME")
+        self.config = config
+        self.base_url = base_url
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY,
+                                    timeout=config.timeout, max_retries=0)
+        self._system, self._template = config.template()
+        self._lock = threading.Lock()
+        self._rng = random.Random(config.seed)
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+
+    def _ask(self, passage: str, seed: int) -> tuple[str, bool, int, int]:
+        """One request: (answer text, answer cut by max_tokens, prompt tokens, completion tokens); counts it.
+
+        Raises UnparseableOutput when the body is not an OpenAI completion (retried like a bad answer).
+        """
+        cfg = self.config
+        with self._lock:
+            self.requests += 1
+        params: dict[str, Any] = {"model": cfg.model, "max_tokens": cfg.answer_tokens, "temperature": cfg.temperature,
+                                  "top_p": cfg.top_p, "seed": seed}
+        try:
+            if cfg.mode == "completion":
+                prompt = self._template.replace("{passage}", passage)
+                stop = ["\n\n", "Passage:", f"\n{cfg.num_queries + 1}."]
+                resp = self.client.completions.create(prompt=prompt, stop=stop, **params)
+            else:
+                messages = ([{"role": "system", "content": self._system}] if self._system else []) + [
+                    {"role": "user", "content": self._template.replace("{passage}", passage)}]
+                resp = self.client.chat.completions.create(messages=messages, **params)
+        except ValueError as err:  # the body is not JSON
+            raise UnparseableOutput(f"response is not JSON ({err})") from err
+        choices = getattr(resp, "choices", None)
+        if not choices:  # the openai client hands back non-OpenAI bodies as str / list / empty objects
+            raise UnparseableOutput(f"malformed response {str(resp)[:120]!r}")
+        choice = choices[0]
+        if cfg.mode == "completion":
+            text = ("1." if prompt.endswith("1.") else "") + (choice.text or "")
+        else:
+            text = choice.message.content or ""
+        usage = resp.usage
+        p_tok, c_tok = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
+        with self._lock:
+            self.prompt_tokens += p_tok
+            self.completion_tokens += c_tok
+        return text, choice.finish_reason == "length", p_tok, c_tok
+
+    def _sleep_before_retry(self, attempt: int, floor: float | None = None) -> None:
+        with self._lock:
+            delay = backoff_delay(attempt, self.config.backoff, self.config.backoff_cap, self._rng)
+        time.sleep(min(self.config.backoff_cap, max(delay, floor or 0.0)))
+
+    def generate_one(self, doc_id: str, passage: str) -> CacheEntry:
+        """Queries for one passage, retrying transient errors and unusable answers.
+
+        After the k-th unusable answer the next request uses seed + k and the passage cut to
+        1/2**k of its length (at least MIN_RETRY_TOKENS): tiny models copy the prompt's examples
+        instead of reading a long passage, and a shorter one cures that. Transient errors retry
+        the same request. Raises PassageFailure naming `doc_id` when attempts run out, and
+        GenerationError at once for 401/403/404 (every other passage would fail the same way).
+        """
+        cfg = self.config
+        parse_failures = 0
+        last_error: Exception | None = None
+        for attempt in range(cfg.retries + 1):
+            try:
+                sent = passage if not parse_failures else truncate_passage(
+                    passage, max(MIN_RETRY_TOKENS, len(passage) // CHARS_PER_TOKEN >> parse_failures))[0]
+                answer, cut, p_tok, c_tok = self._ask(sent, cfg.seed + parse_failures)
+            except openai.APIStatusError as err:
+                if err.status_code in _FATAL_STATUS:
+                    raise GenerationError(f"{self.base_url} answered {err.status_code} for model {cfg.model!r} "
+                                          f"(passage {doc_id!r}): {err.message}") from err
+                if err.status_code not in _RETRY_STATUS and err.status_code < 500:
+                    raise PassageFailure(f"passage {doc_id!r}: request rejected ({err.status_code}): {err.message}") from err
+                last_error = err
+                if attempt < cfg.retries:
+                    self._sleep_before_retry(attempt, _retry_after(err))
+                continue
+            except openai.APIConnectionError as err:  # includes timeouts
+                last_error = err
+                if attempt < cfg.retries:
+                    self._sleep_before_retry(attempt)
+                continue
+            except UnparseableOutput as err:  # a 200 whose body is no OpenAI response (an HTML page, ...)
+                last_error = err
+                parse_failures += 1
+                continue
+            try:
+                queries = parse_queries(answer, cfg.num_queries, passage, truncated_answer=cut,
+                                        require_overlap=cfg.require_overlap)
+            except UnparseableOutput as err:
+                last_error = err
+                parse_failures += 1
+                continue
+            return CacheEntry(queries=queries, raw=answer, prompt_tokens=p_tok, completion_tokens=c_tok)
+        kind = "unparseable output" if isinstance(last_error, UnparseableOutput) else type(last_error).__name__
+        raise PassageFailure(f"passage {doc_id!r}: {kind} after {cfg.retries + 1} attempt(s): {last_error}")
+
+    def run(self, items: Sequence[tuple[str, str]], cache: QueryCache, report: GenerationReport,
+            progress: tqdm | None = None) -> None:
+        """Generate for every item on `concurrency` threads; each result is cached as soon as it arrives."""
+        identity = self.config.identity()
+
+        def work(doc_id: str, passage: str) -> CacheEntry:
+            entry = self.generate_one(doc_id, passage)
+            cache.put(identity, passage, entry)
+            return entry
+
+        pending: dict[Future, str] = {}
+        todo = iter(items)
+        with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="genq") as pool:
+            try:
+                while True:
+                    # keep at most 2x concurrency in flight, so an interrupt leaves little queued work
+                    for doc_id, passage in todo:
+                        pending[pool.submit(work, doc_id, passage)] = doc_id
+                        if len(pending) >= 2 * self.config.concurrency:
+                            break
+                    if not pending:
+                        break
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        doc_id = pending.pop(fut)
+                        try:
+                            entry = fut.result()
+                        except PassageFailure as err:  # one passage failed for good: record it, go on
+                            report.failures[doc_id] = str(err)
+                        else:
+                            report.bank[doc_id] = entry.queries
+                            report.generated += 1
+                        if progress is not None:
+                            progress.update(1)
+                            progress.set_postfix(cached=report.cached, failed=len(report.failures), refresh=False)
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+            finally:
+                report.requests += self.requests
+                report.prompt_tokens += self.prompt_tokens
+                report.completion_tokens += self.completion_tokens
+                self.requests = self.prompt_tokens = self.completion_tokens = 0
+
+
+# -- the entry points ---------------------------------------------------------------------------------
+
+def resolve_model(config: GenConfig, server: LocalServerConfig) -> GenConfig:
+    """`config` with its model name filled in: the embedded server's alias when none is given."""
+    return config if config.model is not None else replace(config, model=server.model_alias())
+
+
+def _embedded_config(config: GenConfig, server: LocalServerConfig) -> GenConfig:
+    alias = server.model_alias()
+    if config.model not in (None, alias):
+        raise ValueError(f"--llm-model {config.model!r} needs --llm-base-url (or OPENAI_BASE_URL): "
+                         f"the embedded server serves {alias!r}")
+    # a local llama.cpp server answers one request at a time: more threads would only queue into timeouts
+    return replace(config, model=alias, concurrency=1)
+
+
+def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike, *, base_url: str | None = None,
+             api_key: str | None = None, server: LocalServerConfig | None = None,
+             show_progress: bool = True) -> GenerationReport:
+    """Queries for every passage: cached ones read back, the rest generated (and cached one by one).
+
+    Input is checked first (duplicate ids raise; empty passages are skipped, too-long ones cut, each
+    with one warning). Without `base_url` / OPENAI_BASE_URL a local llama.cpp server (`server`, by
+    default the bundled Gemma-3-270m) is started, and only when some passage is not cached yet.
+    Passages that fail for good are listed in `report.failures` (id -> reason), not raised.
+    """
+    server = server or LocalServerConfig()
+    endpoint = _endpoint(base_url)
+    config = config if endpoint else _embedded_config(config, server)
+    identity = config.identity()
+    prepared = prepare_passages(passages, config.max_passage_tokens)
+    report = GenerationReport(empty=prepared.empty, truncated=prepared.truncated)
+    if prepared.empty:
+        logger.warning("skipping %d empty passage(s) (no request sent, they keep their vectors): %s",
+                       len(prepared.empty), prepared.empty[:10])
+    if prepared.truncated:
+        logger.warning("%d of %d passage(s) are longer than ~%d tokens and were truncated for the LLM "
+                       "(GenConfig.max_passage_tokens), e.g. %s", len(prepared.truncated), len(prepared.items),
+                       config.max_passage_tokens, prepared.truncated[:5])
+    start = time.monotonic()
+    with QueryCache(cache_dir) as cache:
+        todo: list[tuple[str, str]] = []
+        for doc_id, passage in prepared.items:
+            entry = cache.get(identity, passage)
+            if entry is None:
+                todo.append((doc_id, passage))
+            else:
+                report.bank[doc_id] = entry.queries
+        report.cached = len(report.bank)
+        if todo:
+            with tqdm(total=len(prepared.items), initial=report.cached, desc="generating queries", unit="passage",
+                      disable=not show_progress) as bar:
+                bar.set_postfix(cached=report.cached, failed=0)
+                if endpoint:
+                    QueryGenerator(config, base_url=endpoint, api_key=api_key).run(todo, cache, report, bar)
+                else:
+                    with local_llm_server(server) as local_url:
+                        QueryGenerator(config, base_url=local_url).run(todo, cache, report, bar)
+    report.bank = {doc_id: report.bank[doc_id] for doc_id, _ in prepared.items if doc_id in report.bank}
+    report.seconds = time.monotonic() - start
+    if report.failures:
+        first = next(iter(report.failures.items()))
+        logger.warning("%d passage(s) got no queries (not cached; a rerun retries them), e.g. %s",
+                       len(report.failures), first[1])
+    return report
+
+
+def generate_bank(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike,
+                  base_url: str | None = None, **kwargs: Any) -> QueryBank:
+    """The query bank for `passages` (see `generate`): what a corpus step needs."""
+    return generate(passages, config, cache_dir, base_url=base_url, **kwargs).bank
+
+
+def export_bank(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike, path: str | os.PathLike,
+                server: LocalServerConfig | None = None) -> QueryBank:
+    """Write the cached queries of `passages` under `config` to a JSONL(.gz) bank; partial coverage is fine.
+
+    Sends no request. The model name resolves as in `generate` (embedded server alias by default).
+    """
+    config = resolve_model(config, server or LocalServerConfig())
+    prepared = prepare_passages(passages, config.max_passage_tokens)
+    with QueryCache(cache_dir) as cache:
+        bank = cache.export(config.identity(), prepared.items)
+    # provenance and coverage, so a partial bank says so
+    save_bank(bank, path, metadata={"generator": config.identity(), "passages": len(prepared.items),
+                                    "passages_with_queries": len(bank)})
+    return bank
+
+
+def import_bank(path: str | os.PathLike, passages: Passages, config: GenConfig, cache_dir: str | os.PathLike,
+                server: LocalServerConfig | None = None, overwrite: bool = False) -> int:
+    """Load a bank (JSONL(.gz) or generated-queries folder) into the cache as if `config` had generated it.
+
+    A later `generate` with the same config then sends no request for those passages. Returns the
+    number of entries written (existing entries are kept unless `overwrite`).
+    """
+    config = resolve_model(config, server or LocalServerConfig())
+    prepared = prepare_passages(passages, config.max_passage_tokens)
+    bank = load_bank(path)
+    unknown = len(set(bank) - {doc_id for doc_id, _ in prepared.items})
+    if unknown:
+        logger.warning("%s: %d passage id(s) are not in the given corpus and were not imported", path, unknown)
+    with QueryCache(cache_dir) as cache:
+        return cache.import_bank(config.identity(), prepared.items, bank, source=f"bank:{Path(path).name}",
+                                 overwrite=overwrite)
+

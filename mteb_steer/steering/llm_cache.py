@@ -1,0 +1,93 @@
+"""Disk cache of generated queries: one entry per (generator identity, passage text).
+
+Why: generation is the slow, paid part. Every passage's queries are written the moment they
+arrive, so a killed run loses nothing and a rerun continues; a second run over the same corpus
+finds every entry and sends no request at all. The key is `identity.stable_hash` over the
+generator identity (model, mode, prompt version and text, generation parameters; never a key or
+URL) and the exact passage text sent, so any change that alters the output gets new entries.
+`diskcache` makes the store safe for several threads and processes at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from mteb_steer.identity import stable_hash
+from mteb_steer.steering.banks import QueryBank
+
+KEY_LENGTH = 32  # hex chars of sha256: collisions are out of reach for any corpus
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """What one passage's generation produced: the parsed queries, the raw answer (for audits and
+    re-parsing) and the token usage of the successful request (for cost reports)."""
+
+    queries: list[str]
+    raw: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    source: str = "llm"  # "llm" or "bank:<file name>" for imported entries
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"queries": list(self.queries), "raw": self.raw, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "source": self.source}
+
+
+def cache_key(identity: Mapping[str, Any], passage: str) -> str:
+    """The entry key for `passage` (the text as sent, after truncation) under generator `identity`."""
+    return stable_hash({"generator": dict(identity), "passage": passage}, length=KEY_LENGTH)
+
+
+class QueryCache:
+    """A folder of generated queries keyed by `cache_key`; entries are never partial."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self._store = diskcache.Cache(str(self.directory))
+
+    def get(self, identity: Mapping[str, Any], passage: str) -> CacheEntry | None:
+        value = self._store.get(cache_key(identity, passage))
+        return CacheEntry(**value) if value is not None else None
+
+    def put(self, identity: Mapping[str, Any], passage: str, entry: CacheEntry) -> None:
+        self._store.set(cache_key(identity, passage), entry.to_dict())
+
+    def export(self, identity: Mapping[str, Any], items: Iterable[tuple[str, str]]) -> QueryBank:
+        """The bank of every `(doc_id, passage)` item that has an entry under `identity` (others left out)."""
+        bank: QueryBank = {}
+        for doc_id, passage in items:
+            entry = self.get(identity, passage)
+            if entry is not None:
+                bank[doc_id] = list(entry.queries)
+        return bank
+
+    def import_bank(self, identity: Mapping[str, Any], items: Iterable[tuple[str, str]], bank: QueryBank,
+                    source: str, overwrite: bool = False) -> int:
+        """Store `bank[doc_id]` for each item whose id is in `bank` and has queries; returns how many were written.
+
+        Existing entries are kept unless `overwrite`, so importing never replaces fresher generations.
+        """
+        written = 0
+        for doc_id, passage in items:
+            queries = bank.get(doc_id)
+            if not queries or (not overwrite and self.get(identity, passage) is not None):
+                continue
+            self.put(identity, passage, CacheEntry(queries=list(queries), source=source))
+            written += 1
+        return written
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> QueryCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,103 @@
+"""Sweep query-fusion settings on one retrieval task and print a markdown table (nDCG@10, recall@100).
+
+Each setting is a full `mteb.evaluate` of `SteerSearch(encoder, corpus_steps=[QueryFusion(...)])`
+(or the multi-vector max score fusion) with the shared base-embedding cache, so the corpus,
+the task queries and the generated queries are embedded once for the whole sweep.
+
+    HF_HUB_OFFLINE=1 python scripts/fusion_sweep.py --task ArguAna \\
+        --bank /work/shared/datasets/arguana-genq --data-root /work/shared/datasets
+
+A setting is `method:key=value,...`, e.g. `mean:alpha=0.1`, `rotate:gamma=auto`,
+`mean:alpha=auto,weighting=similarity,drop_fraction=0.2`, `maxsim:margin=0.05`, or `none`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import mteb  # noqa: E402
+
+from mteb_steer.encoder import SteerEncoder  # noqa: E402
+from mteb_steer.search import SteerSearch  # noqa: E402
+from mteb_steer.steering.banks import load_bank  # noqa: E402
+from mteb_steer.steering.fusion import MultiVectorMax, QueryFusion  # noqa: E402
+from mteb_steer.tasks import resolve_task  # noqa: E402
+
+DEFAULT_SETTINGS = [
+    "none",
+    "mean:alpha=0.05", "mean:alpha=0.1", "mean:alpha=0.2", "mean:alpha=0.5", "mean:alpha=auto",
+    "sum:beta=0.025", "sum:beta=0.05", "sum:beta=0.1", "sum:beta=auto",
+    "rotate:gamma=0.01", "rotate:gamma=0.02", "rotate:gamma=0.04", "rotate:gamma=0.08", "rotate:gamma=auto",
+]
+FLOAT_KEYS = {"alpha", "beta", "gamma", "temperature", "drop_fraction", "margin"}
+
+
+def parse_setting(spec: str) -> tuple[str, dict[str, object]]:
+    """`method:key=value,...` -> (method, kwargs); numbers become floats, `auto` stays a string."""
+    method, _, rest = spec.partition(":")
+    kwargs: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bad setting {spec!r}: expected key=value, got {item!r}")
+        kwargs[key] = float(value) if key in FLOAT_KEYS and value != "auto" else value
+    return method, kwargs
+
+
+def build(encoder: SteerEncoder, bank, spec: str) -> tuple[SteerSearch, QueryFusion | None]:
+    method, kwargs = parse_setting(spec)
+    if method == "none":
+        return SteerSearch(encoder), None
+    if method == "maxsim":
+        return SteerSearch(encoder, score_fusion=MultiVectorMax(bank, encoder, **kwargs)), None
+    fusion = QueryFusion(bank, method, **kwargs)
+    return SteerSearch(encoder, corpus_steps=[fusion]), fusion
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="ArguAna", help="MTEB task name or BEIR folder (default ArguAna)")
+    parser.add_argument("--bank", required=True, help="query bank: JSONL(.gz) file or generated-queries folder")
+    parser.add_argument("--data-root", default="/work/shared/datasets")
+    parser.add_argument("--cache-dir", default="/tmp/mteb_steer_embcache", help="base-embedding cache")
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="fusion settings (see module doc)")
+    parser.add_argument("--output", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("mteb").setLevel(logging.WARNING)
+
+    for spec in args.settings:  # fail on a typo before any model work
+        parse_setting(spec)
+    bank = load_bank(args.bank)
+    task = resolve_task(args.task, args.data_root)
+    encoder = SteerEncoder(cache_dir=args.cache_dir)
+    lines = [f"Task {args.task}, bank {args.bank}, model {encoder.base_meta.name}", "",
+             "| setting | chosen (auto) | nDCG@10 | recall@100 | seconds |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for spec in args.settings:
+        model, fusion = build(encoder, bank, spec)
+        started = time.perf_counter()
+        result = mteb.evaluate(model, task, cache=None, show_progress_bar=False)
+        seconds = time.perf_counter() - started
+        scores = result.task_results[0].scores
+        entry = next(iter(scores.values()))[0]
+        chosen = ", ".join(f"{s.parameter}={s.chosen:g}" for s in fusion.selections.values()) if fusion else ""
+        if fusion and fusion.selections:
+            logging.info("%s auto grid: %s", spec, " | ".join(s.table() for s in fusion.selections.values()))
+        line = f"| `{spec}` | {chosen} | {entry['ndcg_at_10']:.4f} | {entry['recall_at_100']:.4f} | {seconds:.0f} |"
+        lines.append(line)
+        print(line, flush=True)
+    if args.output:
+        args.output.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

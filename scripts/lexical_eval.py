@@ -1,0 +1,132 @@
+"""Evaluate lexical-hybrid settings on one retrieval task and print a markdown table.
+
+Each setting is a full `mteb.evaluate` of `SteerSearch(encoder, score_fusion=LexicalHybrid(...))`
+with the shared base-embedding cache (the dense side is encoded once for the whole sweep) and
+built BM25 indexes reused from `--index-dir`. Columns: nDCG@10 and recall@100 per split and
+their mean, and the scoring time per query (dense similarity + fusion + top-k, last split;
+query vectors come from the cache). `--costs` adds a fresh BM25 index build: build time, size on disk, BM25-only time per query.
+
+    HF_HUB_OFFLINE=1 python scripts/lexical_eval.py --task SciFact --settings dense bm25 zscore:0.3 rrf:0.5
+    HF_HUB_OFFLINE=1 python scripts/lexical_eval.py --task ArguAna --bank /work/shared/datasets/arguana-genq
+
+A setting is `dense` (no lexical side), `bm25` (lexical weight 1), `default` (the package
+defaults), or `<fusion>:<weight>` with fusion zscore | rrf | minmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import mteb  # noqa: E402
+
+from mteb_steer.encoder import SteerEncoder, passage_text  # noqa: E402
+from mteb_steer.search import SteerSearch  # noqa: E402
+from mteb_steer.steering.banks import QueryBank, load_bank  # noqa: E402
+from mteb_steer.steering.lexical import FUSION_MODES, LexicalHybrid, LexicalIndex, disk_bytes  # noqa: E402
+from mteb_steer.tasks import resolve_task  # noqa: E402
+
+DEFAULT_SETTINGS = ["dense", "bm25", "default", "zscore:0.2", "zscore:0.4", "zscore:0.5", "rrf:0.5", "minmax:0.3"]
+
+
+def hybrid_for(setting: str, bank: QueryBank | None, index_dir: Path) -> LexicalHybrid | None:
+    """The score fusion a setting names (None for `dense`)."""
+    if setting == "dense":
+        return None
+    if setting == "default":
+        return LexicalHybrid(bank=bank, index_dir=index_dir)
+    if setting == "bm25":
+        return LexicalHybrid(weight=1.0, fusion="zscore", bank=bank, index_dir=index_dir)
+    fusion, _, weight = setting.partition(":")
+    if fusion not in FUSION_MODES or not weight:
+        raise SystemExit(f"bad setting {setting!r}: expected dense, bm25, default or <zscore|rrf|minmax>:<weight>")
+    return LexicalHybrid(weight=float(weight), fusion=fusion, bank=bank, index_dir=index_dir)
+
+
+def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank: QueryBank | None,
+                      index_dir: Path, encoder: SteerEncoder) -> list[dict]:
+    """One row per setting: {setting, splits: {split: (ndcg@10, recall@100)}, mean_ndcg, mean_recall, ms_per_query}."""
+    task = resolve_task(task_name, data_root)
+    rows = []
+    for setting in settings:
+        model = SteerSearch(encoder, score_fusion=hybrid_for(setting, bank, index_dir))
+        result = mteb.evaluate(model, task, cache=None, show_progress_bar=False).task_results[0]
+        splits = {split: (scores[0]["ndcg_at_10"], scores[0]["recall_at_100"])
+                  for split, scores in sorted(result.scores.items())}
+        last = task.eval_splits[-1]
+        n_queries = len(task.dataset["default"][last]["queries"])
+        rows.append({"setting": setting, "tag": model.score_fusion.tag if model.score_fusion else "dense",
+                     "splits": splits,
+                     "mean_ndcg": sum(s[0] for s in splits.values()) / len(splits),
+                     "mean_recall": sum(s[1] for s in splits.values()) / len(splits),
+                     "ms_per_query": 1000 * model.timings["score_s"] / n_queries})
+        print(f"  {setting:<12} nDCG@10 {rows[-1]['mean_ndcg']:.4f}  R@100 {rows[-1]['mean_recall']:.4f}", flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    splits = list(rows[0]["splits"])
+    head = ["setting", "step tag"] + [f"{s} nDCG@10 / R@100" for s in splits]
+    if len(splits) > 1:
+        head.append("mean nDCG@10 / R@100")
+    head.append("score+fuse+top-k ms/query")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["setting"], row["tag"]] + [f"{n:.4f} / {r:.4f}" for n, r in row["splits"].values()]
+        if len(splits) > 1:
+            cells.append(f"{row['mean_ndcg']:.4f} / {row['mean_recall']:.4f}")
+        cells.append(f"{row['ms_per_query']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def index_costs(task_name: str, data_root: str, bank: QueryBank | None) -> str:
+    """A fresh BM25 build of the task corpus: build seconds, size on disk, BM25-only ms per query."""
+    task = resolve_task(task_name, data_root)
+    task.load_data()
+    split = task.eval_splits[-1]
+    data = task.dataset["default"][split]
+    corpus = data["corpus"]
+    titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
+    texts = [passage_text(t, x) for t, x in zip(titles, corpus["text"], strict=True)]
+    queries = list(data["queries"]["text"])
+    started = time.perf_counter()
+    index = LexicalIndex.build([str(i) for i in corpus["id"]], texts, bank=bank)
+    build_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        size = disk_bytes(index.save(Path(tmp) / "index"))
+    started = time.perf_counter()
+    matched, _ = index.sparse_scores(index.query_matrix(queries)[0])
+    per_query_ms = 1000 * (time.perf_counter() - started) / len(queries)
+    return (f"BM25 index ({len(texts)} passages{', expanded' if bank else ''}): build {build_s:.1f} s, "
+            f"{size / 2**20:.1f} MiB on disk ({index.term_docs.nnz} postings), "
+            f"BM25 scoring {per_query_ms:.2f} ms/query over {len(queries)} {split} queries")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
+    parser.add_argument("--data-root", default="/work/shared/datasets")
+    parser.add_argument("--bank", help="query bank (JSONL or BEIR genq folder) for document expansion")
+    parser.add_argument("--index-dir", default=str(Path(tempfile.gettempdir()) / "mteb_steer_lexical_indexes"))
+    parser.add_argument("--cache-dir", default="/tmp/mteb_steer_embcache")
+    parser.add_argument("--costs", action="store_true", help="also time a fresh index build")
+    args = parser.parse_args()
+    bank = load_bank(args.bank) if args.bank else None
+    encoder = SteerEncoder(cache_dir=args.cache_dir)
+    rows = evaluate_settings(args.task, args.settings, args.data_root, bank, Path(args.index_dir), encoder)
+    print(f"\n{args.task}{' (expanded with ' + args.bank + ')' if bank else ''}\n")
+    print(markdown_table(rows))
+    if args.costs:
+        print("\n" + index_costs(args.task, args.data_root, bank))
+
+
+if __name__ == "__main__":
+    main()
