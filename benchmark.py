@@ -299,21 +299,24 @@ class Bench:
         """Evaluate one cell (or read it back) and return its rows; never raises for one cell's failure."""
         from mteb.cache import ResultCache
 
-        from mteb_steer.pipeline import build_model
+        from mteb_steer.pipeline import build_encoder, build_model
         from mteb_steer.results import evaluate_tasks
 
         try:
             fields = cell.recipe.fields(cell)
-            encoder = self.encoder(cell.model)
+            if fields.get("lexical"):
+                fields["lexical_index_dir"] = str(self.work / "lexical")  # reuse BM25 indexes across cells
+            config = self.config(cell.model, fields)
+            task = self.task(cell.task)
+            # the adapter lives in the encoder: an adapter cell gets its own (same cached base vectors)
+            encoder = build_encoder(config) if config.adapter else self.encoder(cell.model)
             transforms = list(encoder.query_transforms)
-            model = build_model(self.config(cell.model, fields), encoder=encoder)
+            model = build_model(config, encoder=encoder, task=task)
             if list(encoder.query_transforms) != transforms:
                 raise RuntimeError("build_model changed the shared encoder's query transforms")
             if fields and not model.steps:
-                raise RuntimeError(f"build_model ignored the steering options {sorted(fields)} "
-                                   "(pipeline not wired for them yet)")
+                raise RuntimeError(f"build_model ignored the steering options {sorted(fields)}")
             meta = model.mteb_model_meta
-            task = self.task(cell.task)
             done = ResultCache(self.out).get_task_result_path(cell.task, meta).exists()
             log: list[dict[str, Any]] = []
             _record_calls(model, log)

@@ -23,19 +23,28 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import mteb  # noqa: E402
+import mteb
 
-from mteb_steer.encoder import SteerEncoder  # noqa: E402
-from mteb_steer.search import SteerSearch  # noqa: E402
-from mteb_steer.steering.banks import load_bank  # noqa: E402
-from mteb_steer.steering.fusion import MultiVectorMax, QueryFusion  # noqa: E402
-from mteb_steer.tasks import resolve_task  # noqa: E402
+from mteb_steer.encoder import SteerEncoder
+from mteb_steer.search import SteerSearch
+from mteb_steer.steering.banks import load_bank
+from mteb_steer.steering.fusion import MultiVectorMax, QueryFusion
+from mteb_steer.tasks import resolve_task
 
+logger = logging.getLogger("fusion_sweep")
 DEFAULT_SETTINGS = [
     "none",
     "mean:alpha=0.05", "mean:alpha=0.1", "mean:alpha=0.2", "mean:alpha=0.5", "mean:alpha=auto",
-    "sum:beta=0.025", "sum:beta=0.05", "sum:beta=0.1", "sum:beta=auto",
+    "mean:alpha=auto,rule=best",
+    "sum:beta=0.025", "sum:beta=0.05", "sum:beta=0.1", "sum:beta=0.15", "sum:beta=auto", "sum:beta=auto,rule=best",
     "rotate:gamma=0.01", "rotate:gamma=0.02", "rotate:gamma=0.04", "rotate:gamma=0.08", "rotate:gamma=auto",
+    "rotate:gamma=auto,rule=best",
+]
+EXPLORE_SETTINGS = [
+    "mean:alpha=0.1,weighting=similarity", "mean:alpha=0.2,weighting=similarity", "sum:beta=0.05,weighting=similarity",
+    "rotate:gamma=0.01,weighting=similarity", "mean:alpha=0.1,drop_fraction=0.3", "mean:alpha=0.2,drop_fraction=0.3",
+    "sum:beta=0.05,drop_fraction=0.3", "rotate:gamma=0.02,drop_fraction=0.3", "mean:alpha=auto,drop_fraction=0.3",
+    "maxsim:margin=0", "maxsim:margin=0.05", "maxsim:margin=0.1", "maxsim:margin=0.2",
 ]
 FLOAT_KEYS = {"alpha", "beta", "gamma", "temperature", "drop_fraction", "margin"}
 
@@ -69,12 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default="/work/shared/datasets")
     parser.add_argument("--cache-dir", default="/tmp/mteb_steer_embcache", help="base-embedding cache")
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="fusion settings (see module doc)")
+    parser.add_argument("--explore", action="store_true", help="run the exploration settings (weighting, "
+                        "Doc2Query-- filter, multi-vector max) instead of the default sweep")
     parser.add_argument("--output", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("mteb").setLevel(logging.WARNING)
 
-    for spec in args.settings:  # fail on a typo before any model work
+    settings = EXPLORE_SETTINGS if args.explore else args.settings
+    for spec in settings:  # fail on a typo before any model work
         parse_setting(spec)
     bank = load_bank(args.bank)
     task = resolve_task(args.task, args.data_root)
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Task {args.task}, bank {args.bank}, model {encoder.base_meta.name}", "",
              "| setting | chosen (auto) | nDCG@10 | recall@100 | seconds |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for spec in args.settings:
+    for spec in settings:
         model, fusion = build(encoder, bank, spec)
         started = time.perf_counter()
         result = mteb.evaluate(model, task, cache=None, show_progress_bar=False)
@@ -91,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         entry = next(iter(scores.values()))[0]
         chosen = ", ".join(f"{s.parameter}={s.chosen:g}" for s in fusion.selections.values()) if fusion else ""
         if fusion and fusion.selections:
-            logging.info("%s auto grid: %s", spec, " | ".join(s.table() for s in fusion.selections.values()))
+            logger.info("%s auto grid: %s", spec, " | ".join(s.table() for s in fusion.selections.values()))
         line = f"| `{spec}` | {chosen} | {entry['ndcg_at_10']:.4f} | {entry['recall_at_100']:.4f} | {seconds:.0f} |"
         lines.append(line)
         print(line, flush=True)

@@ -23,14 +23,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import mteb  # noqa: E402
-import torch  # noqa: E402
+import mteb
+import torch
 
-from mteb_steer.encoder import SteerEncoder  # noqa: E402
-from mteb_steer.search import SteerSearch  # noqa: E402
-from mteb_steer.steering.refine import TestTimeRefinement  # noqa: E402
-from mteb_steer.steering.teachers import make_teacher  # noqa: E402
-from mteb_steer.tasks import resolve_task  # noqa: E402
+from mteb_steer.encoder import SteerEncoder
+from mteb_steer.search import SteerSearch
+from mteb_steer.steering.refine import TestTimeRefinement
+from mteb_steer.steering.teachers import make_teacher
+from mteb_steer.tasks import resolve_task
 
 
 def _evaluate(model, task) -> tuple[float, float, float]:
@@ -69,11 +69,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    rows = []
+    def record(row: dict) -> None:  # one line per finished run, so a killed sweep keeps what it measured
+        print(json.dumps(row), flush=True)
+        with out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
     if args.baseline:
         ndcg, recall, seconds = _evaluate(SteerSearch(encoder), task)
-        rows.append({"task": task.metadata.name, "teacher": "none (plain)", "ndcg_at_10": ndcg,
-                     "recall_at_100": recall, "eval_s": seconds})
+        record({"task": task.metadata.name, "teacher": "none (plain)", "ndcg_at_10": ndcg,
+                "recall_at_100": recall, "eval_s": round(seconds, 1)})
     for spec in args.teacher:
         teacher = make_teacher(spec, encoder=encoder, task_name=task.metadata.name, qrels=qrels,
                                cache_dir=args.cache_dir, device="cpu", ignore_identical_ids=ignore_ids,
@@ -96,10 +100,7 @@ def main() -> None:
                 "model_name": model.mteb_model_meta.name, "revision": model.mteb_model_meta.revision,
                 "torch_threads": args.threads, "eval_s": round(seconds, 1),
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    with out.open("a") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+            record(row)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 
-
 # -- fusion (mteb_steer/steering/fusion.py) ----------------------------------------------------------
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from mteb_steer.steering.adapter import (
     train_adapter,
     training_pairs,
 )
-from mteb_steer.steering.fusion import mrr_at_10
+from mteb_steer.steering.fusion import reciprocal_ranks
 
 N_QUERIES = 120  # SciFact train queries in the slice
 N_DISTRACTORS = 100  # other SciFact passages, as negatives and competition
@@ -72,7 +72,8 @@ def _pair_mrr(encoder: SteerEncoder, data: PairSet, adapter: QueryAdapter | None
     queries = _base_queries(encoder, data)
     if adapter is not None:
         queries = adapter.transform_queries(queries)
-    return mrr_at_10(queries, data.positives, encoder.embed(data.corpus_texts, PromptType.document), encoder)
+    corpus = encoder.embed(data.corpus_texts, PromptType.document)
+    return float(reciprocal_ranks(queries, data.positives, corpus, encoder).mean())
 
 
 # -- the map ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mteb.types import PromptType
+from reference import ref_fuse, ref_mrr_at_10, ref_softmax_weights
 
 from mteb_steer.identity import steered_meta
 from mteb_steer.steering.banks import BankError, load_bank
@@ -20,13 +21,13 @@ from mteb_steer.steering.fusion import (
     fuse_rotate,
     fuse_sum,
     hold_out_one,
-    mrr_at_10,
     passage_similarity,
+    pick_strength,
+    reciprocal_ranks,
     similarity_weights,
     weighted_sums,
 )
 from mteb_steer.steps import CorpusIndex, QueryBatch
-from reference import ref_fuse, ref_mrr_at_10, ref_softmax_weights
 
 FUSERS = {"mean": fuse_mean, "sum": fuse_sum, "rotate": fuse_rotate}
 
@@ -47,8 +48,8 @@ def _random_corpus(seed: int, n_docs: int, dim: int, max_queries: int):
     return passages, per_doc, queries
 
 
-corpus_args = dict(seed=st.integers(0, 2**31), n_docs=st.integers(1, 12), dim=st.integers(2, 9),
-                   max_queries=st.integers(0, 4))
+corpus_args = {"seed": st.integers(0, 2**31), "n_docs": st.integers(1, 12), "dim": st.integers(2, 9),
+               "max_queries": st.integers(0, 4)}
 
 
 @settings(max_examples=60, deadline=None)
@@ -83,7 +84,7 @@ def test_rotation_respects_chord_bound_and_never_passes_the_centroid(seed, n_doc
     assert np.all(chord2 <= gamma + 1e-9)
     has = counts > 0
     centroid = sums[has] / np.linalg.norm(sums[has], axis=1, keepdims=True)
-    angle = lambda a, b: np.arccos(np.clip((a * b).sum(axis=1), -1, 1))  # noqa: E731
+    angle = lambda a, b: np.arccos(np.clip((a * b).sum(axis=1), -1, 1))
     moved, left = angle(p[has], fused[has]), angle(fused[has], centroid)
     np.testing.assert_allclose(moved + left, angle(p[has], centroid), atol=1e-6)  # on the arc p -> c
     # the step is the largest allowed: either the bound is tight or f reached c
@@ -94,6 +95,7 @@ def test_rotation_respects_chord_bound_and_never_passes_the_centroid(seed, n_doc
 @given(**corpus_args, temperature=st.floats(0.01, 2.0))
 def test_similarity_weights_match_reference(seed, n_docs, dim, max_queries, temperature):
     passages, per_doc, queries = _random_corpus(seed, n_docs, dim, max_queries)
+    per_doc = [[q.astype(np.float32) for q in qs] for qs in per_doc]  # the vectors the step sees
     weights = similarity_weights(queries, passages, temperature)
     expected = [w for i, qs in enumerate(per_doc) if qs for w in ref_softmax_weights(passages[i], qs, temperature)]
     np.testing.assert_allclose(weights, expected, rtol=1e-6)
@@ -101,6 +103,13 @@ def test_similarity_weights_match_reference(seed, n_docs, dim, max_queries, temp
     per_doc_weights = [ref_softmax_weights(passages[i], qs, temperature) if qs else [] for i, qs in enumerate(per_doc)]
     np.testing.assert_allclose(fuse_mean(passages, sums, counts, 0.3),
                                ref_fuse("mean", passages, per_doc, 0.3, per_doc_weights), atol=1e-6)
+
+
+def test_scale_multiplies_query_weights():
+    passages, _, queries = _random_corpus(5, 7, 6, 3)
+    twice = np.full(len(queries.owner), 2.0)
+    fusion = QueryFusion({"d": ["q"]}, "sum", beta=0.1)
+    np.testing.assert_allclose(fusion.fuse(passages, queries, 0.1, twice), fusion.fuse(passages, queries, 0.2))
 
 
 def test_weights_favour_queries_that_match_their_passage():
@@ -126,15 +135,15 @@ def test_hold_out_one_per_passage_with_two_or_more():
 
 @pytest.fixture(scope="module")
 def arguana_slice(data_root, encoder):
-    """The first 100 ArguAna passages (real text, MiniLM vectors) and their published generated queries."""
+    """The first 60 ArguAna passages (real text, MiniLM vectors) and their published generated queries."""
     from mteb_steer.beir import load_beir_split
     from mteb_steer.encoder import passage_text
 
-    corpus = load_beir_split(data_root / "arguana", "test").corpus[:100]
+    corpus = load_beir_split(data_root / "arguana", "test").corpus[:60]
     ids = [row["id"] for row in corpus]
     texts = [passage_text(row["title"], row["text"]) for row in corpus]
     bank = load_bank(data_root / "arguana-genq")
-    bank = {doc_id: bank[doc_id] for doc_id in ids[:80]}  # the last 20 passages have no queries
+    bank = {doc_id: bank[doc_id] for doc_id in ids[:48]}  # the last 12 passages have no queries
     index = CorpusIndex(ids=ids, texts=texts, embeddings=encoder.embed(texts, PromptType.document),
                         task_name="ArguAna-slice")
     return index, bank
@@ -144,35 +153,51 @@ def test_mrr_matches_reference(arguana_slice, encoder):
     index, bank = arguana_slice
     queries = corpus_queries(bank, index, encoder)  # the same batch steer_corpus embeds (cached after this)
     assert len(queries.owner) == sum(len(q) for q in bank.values())
-    got = mrr_at_10(queries.vectors, queries.owner, index.embeddings, encoder)
+    got = reciprocal_ranks(queries.vectors, queries.owner, index.embeddings, encoder).mean()
     expected = ref_mrr_at_10(list(queries.vectors), list(queries.owner), list(index.embeddings))
     assert got == pytest.approx(expected, abs=1e-9)
     assert 0.3 < got < 1.0
 
 
-def test_steer_corpus_on_real_slice(arguana_slice, encoder):
+def test_steer_corpus_on_real_slice(arguana_slice, encoder, caplog):
     index, bank = arguana_slice
     fusion = QueryFusion(bank, "rotate", gamma=0.05)
     fused = fusion.steer_corpus(index, encoder)
+    assert "covers only 48 of 60 passages of ArguAna-slice" in caplog.text  # partial banks are flagged
     assert fused.dtype == np.float32 and fused.shape == index.embeddings.shape
     np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_array_equal(fused[80:], index.embeddings[80:])
-    assert np.all(((fused[:80] - index.embeddings[:80]) ** 2).sum(axis=1) <= 0.05 + 1e-5)
-    assert np.all(((fused[:80] - index.embeddings[:80]) ** 2).sum(axis=1) > 1e-4)  # every passage moved
+    np.testing.assert_array_equal(fused[48:], index.embeddings[48:])
+    assert np.all(((fused[:48] - index.embeddings[:48]) ** 2).sum(axis=1) <= 0.05 + 1e-5)
+    assert np.all(((fused[:48] - index.embeddings[:48]) ** 2).sum(axis=1) > 1e-4)  # every passage moved
 
 
 def test_auto_is_deterministic_and_helps_heldout_queries(arguana_slice, encoder):
     index, bank = arguana_slice
-    runs = [QueryFusion(bank, "mean") for _ in range(2)]
+    runs = [QueryFusion(bank, "mean", rule="best") for _ in range(2)]
     fused = [f.steer_corpus(index, encoder) for f in runs]
     np.testing.assert_array_equal(fused[0], fused[1])
     selection = runs[0].selections["ArguAna-slice"]
     assert selection == runs[1].selections["ArguAna-slice"]
     assert selection.parameter == "alpha" and selection.grid[0] == 0.0
-    assert selection.heldout_queries == 80  # one per passage with queries (all have 2 or 3)
+    assert selection.heldout_queries == 48  # one per passage with queries (all have 2 or 3)
     assert selection.chosen > 0 and max(selection.scores) > selection.scores[0]  # fusing helps held-out queries
+    assert selection.scores[selection.grid.index(selection.chosen)] == max(selection.scores)
+    assert all(0 < e < 0.1 for e in selection.std_errors)
     fixed = QueryFusion(bank, "mean", alpha=selection.chosen).steer_corpus(index, encoder)
     np.testing.assert_array_equal(fused[0], fixed)
+    one_se = QueryFusion(bank, "mean")
+    one_se.steer_corpus(index, encoder)
+    conservative = one_se.selections["ArguAna-slice"]
+    assert conservative.scores == selection.scores and conservative.chosen <= selection.chosen
+
+
+def test_pick_strength_rules():
+    grid = [0.0, 0.1, 0.2, 0.3]
+    flat = np.array([0.5, 0.0, 1.0, 0.5])  # spread: std 0.408, n = 4 -> standard error 0.204
+    ranks = [flat * 0.5, flat * 0.9, flat * 1.0 - 0.01, flat * 1.0]  # means 0.25, 0.45, 0.49, 0.5
+    assert pick_strength(grid, ranks, "best") == 0.3
+    assert pick_strength(grid, ranks, "one-se") == 0.1  # 0.45 >= 0.5 - 0.204 > 0.25
+    assert pick_strength(grid, [r * 0 + 0.3 for r in ranks], "best") == 0.0  # ties: the smallest
 
 
 def test_filter_drops_the_least_similar_queries(arguana_slice, encoder):
@@ -207,10 +232,12 @@ def test_identity_separates_configurations(data_root, encoder):
     bank = {"d1": ["q one", "q two"], "d2": ["q three"]}
     configs = [QueryFusion(bank, "mean"), QueryFusion(bank, "mean", alpha=0.1), QueryFusion(bank, "sum", beta=0.1),
                QueryFusion(bank, "rotate", gamma=0.1), QueryFusion({**bank, "d3": ["x"]}, "mean", alpha=0.1),
-               QueryFusion(bank, "mean", weighting="similarity"), QueryFusion(bank, "mean", drop_fraction=0.2)]
+               QueryFusion(bank, "mean", weighting="similarity"), QueryFusion(bank, "mean", drop_fraction=0.2),
+               QueryFusion(bank, "mean", rule="best"), QueryFusion(bank, "mean", seed=1)]
     revisions = {steered_meta(encoder.base_meta, [c]).revision for c in configs}
     assert len(revisions) == len(configs)
     assert configs[0].tag == "fuse-mean-aauto" and configs[3].tag == "fuse-rotate-g0.1"
+    assert QueryFusion(bank, "mean", rule="best").tag == "fuse-mean-aauto-best"
     assert configs[0].describe()["grid"] == [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
     assert "grid" not in configs[1].describe() and configs[1].training_datasets == set()
 
@@ -224,6 +251,7 @@ def test_identity_separates_configurations(data_root, encoder):
     ({"method": "rotate", "gamma": "big"}, "gamma must be a number >= 0 or 'auto'"),
     ({"method": "mean", "grid": []}, "the auto grid must be non-empty"),
     ({"method": "mean", "weighting": "idf"}, "weighting must be 'uniform' or 'similarity'"),
+    ({"method": "mean", "rule": "median"}, "rule must be 'one-se' or 'best'"),
     ({"method": "mean", "drop_fraction": 1.0}, r"drop_fraction must be in \[0, 1\)"),
 ])
 def test_bad_configuration(kwargs, message):

@@ -52,7 +52,7 @@ from mteb_steer.beir import DataFolderError, load_beir_split, read_corpus
 from mteb_steer.encoder import passage_text
 from mteb_steer.identity import stable_hash
 from mteb_steer.steering.banks import QueryBank, load_bank
-from mteb_steer.steering.fusion import mrr_at_10
+from mteb_steer.steering.fusion import reciprocal_ranks
 from mteb_steer.tasks import LOCAL_FOLDERS, default_data_root, resolve_task
 
 if TYPE_CHECKING:
@@ -494,7 +494,7 @@ def train_adapter(encoder: SteerEncoder, data: PairSet, config: AdapterTrainConf
     def validate() -> float:
         with torch.no_grad():
             queries = adapter(query_vectors[val_idx]).numpy()
-        return mrr_at_10(queries, positives[val_idx].numpy(), passages.numpy(), encoder)
+        return float(reciprocal_ranks(queries, positives[val_idx].numpy(), passages.numpy(), encoder).mean())
 
     bar = tqdm(range(1, config.epochs + 1), desc=f"adapter {config.loss}", disable=not show_progress_bar)
     with _deterministic():

@@ -15,8 +15,12 @@ query-passage similarity, always averaging 1 over a passage's queries):
 
 A passage without queries keeps its vector unchanged. The strength (`alpha`/`beta`/`gamma`)
 may be "auto": one generated query per passage (passages with >= 2) is held out, the rest are
-fused at each grid value, and the value under which the held-out queries best retrieve their
-own passage from the whole fused corpus (MRR@10) wins. No task label is ever read.
+fused at each grid value (for "sum" scaled by n/(n-1), the magnitude all n will have), and the
+held-out queries retrieve from the whole fused corpus (MRR@10 of their own passage). Rule "one-se" (default) takes the smallest strength within one standard
+error of the best MRR: held-out generated queries are exchangeable with the fused ones, so they
+overstate what fusion does for real queries, and a smaller change to the base model is
+preferred when the difference is not significant. Rule "best" takes the maximum. No task label
+is ever read.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from mteb.types import PromptType
+from tqdm.auto import tqdm
 
 from mteb_steer.steering.banks import BankError, QueryBank, bank_fingerprint, bank_stats
 from mteb_steer.steps import CorpusIndex, QueryBatch
@@ -42,6 +47,7 @@ logger = logging.getLogger(__name__)
 FusionMethod = Literal["mean", "sum", "rotate"]
 Weighting = Literal["uniform", "similarity"]
 Strength = float | Literal["auto"]
+SelectionRule = Literal["one-se", "best"]
 
 STRENGTH_NAME: dict[str, str] = {"mean": "alpha", "sum": "beta", "rotate": "gamma"}
 DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
@@ -49,6 +55,7 @@ DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
     "sum": (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3),
     "rotate": (0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32),
 }
+PARTIAL_COVERAGE = 0.95  # below this share of passages with queries, fusion favours the covered ones
 SCORE_CHUNK = 2048  # held-out queries scored per block (bounds the (chunk, n_docs) matrix)
 
 
@@ -137,9 +144,13 @@ def corpus_queries(bank: QueryBank, index: CorpusIndex, encoder: SteerEncoder) -
     rows.sort(key=lambda item: item[0])
     texts = [q for _, queries in rows for q in queries]
     owner = np.fromiter((row for row, queries in rows for _ in queries), dtype=np.int64, count=len(texts))
-    outside = len(bank) - len(rows)
+    covered = len({row for row, queries in rows if queries})
     logger.info("query bank: %d of %d corpus passages have queries (%d queries); %d bank passages not in corpus",
-                len({r for r, q in rows if q}), len(index.ids), len(texts), outside)
+                covered, len(index.ids), len(texts), len(bank) - len(rows))
+    if covered < PARTIAL_COVERAGE * len(index.ids):
+        logger.warning("query bank covers only %d of %d passages of %s: fused passages move toward query space and "
+                       "tend to outrank unfused ones, a harm the held-out 'auto' choice cannot see",
+                       covered, len(index.ids), index.task_name or "the corpus")
     vectors = encoder.embed(texts, PromptType.query, apply_transforms=False, show_progress_bar=len(texts) > 1000)
     return CorpusQueries(texts=texts, owner=owner, vectors=np.asarray(vectors, dtype=np.float32))
 
@@ -186,30 +197,51 @@ def hold_out_one(owner: np.ndarray, n_docs: int, seed: int) -> np.ndarray:
     return mask
 
 
-def mrr_at_10(queries: np.ndarray, targets: np.ndarray, corpus: np.ndarray, encoder: SteerEncoder) -> float:
-    """Mean reciprocal rank (cut at 10) of each query's target row among all corpus rows (ties favour it)."""
-    total = 0.0
+def reciprocal_ranks(queries: np.ndarray, targets: np.ndarray, corpus: np.ndarray, encoder: SteerEncoder
+                     ) -> np.ndarray:
+    """Per query, 1 / (rank + 1) of its target corpus row if ranked in the top 10, else 0 (ties favour it).
+
+    rank = number of corpus rows scoring strictly higher (encoder similarity); shape (n_queries,) float64.
+    """
+    out = np.empty(len(queries), dtype=np.float64)
     for start in range(0, len(queries), SCORE_CHUNK):
         scores = torch.as_tensor(encoder.similarity(queries[start:start + SCORE_CHUNK], corpus))
         rows = torch.as_tensor(targets[start:start + SCORE_CHUNK])
         own = scores[torch.arange(len(rows)), rows]
-        rank = (scores > own[:, None]).sum(dim=1)
-        total += ((rank < 10) / (rank.double() + 1.0)).sum().item()
-    return total / max(len(queries), 1)
+        rank = (scores > own[:, None]).sum(dim=1).double()
+        out[start:start + len(rows)] = ((rank < 10) / (rank + 1.0)).numpy()
+    return out
 
 
 @dataclass
 class AutoSelection:
-    """What "auto" chose on one corpus: the grid, the held-out MRR@10 at each value, the winner."""
+    """What "auto" chose on one corpus: the grid, held-out MRR@10 (and its standard error) per value, the winner."""
 
     parameter: str
+    rule: str
     grid: list[float]
     scores: list[float]
+    std_errors: list[float]
     chosen: float
     heldout_queries: int
 
     def table(self) -> str:
-        return "  ".join(f"{self.parameter}={v:g}:{s:.4f}" for v, s in zip(self.grid, self.scores, strict=True))
+        return "  ".join(f"{self.parameter}={v:g}:{s:.4f}±{e:.4f}"
+                         for v, s, e in zip(self.grid, self.scores, self.std_errors, strict=True))
+
+
+def pick_strength(grid: Sequence[float], ranks: Sequence[np.ndarray], rule: SelectionRule) -> float:
+    """The grid value chosen from per-query reciprocal ranks at each value (grid ascending).
+
+    "best": the highest mean (first on ties); "one-se": the smallest value whose mean is at least
+    the best mean minus the best value's standard error (std / sqrt(n)).
+    """
+    means = np.array([r.mean() for r in ranks])
+    best = int(np.argmax(means))
+    if rule == "best":
+        return float(grid[best])
+    floor = means[best] - ranks[best].std(ddof=1) / np.sqrt(len(ranks[best])) if len(ranks[best]) > 1 else means[best]
+    return float(grid[int(np.flatnonzero(means >= floor)[0])])
 
 
 # -- the corpus step ---------------------------------------------------------------------------------
@@ -222,7 +254,8 @@ class QueryFusion:
         method: "mean", "sum" or "rotate".
         alpha / beta / gamma: the strength of "mean" / "sum" / "rotate" (only the method's own may be
             given); a float, or "auto" (the default) for the label-free held-out selection.
-        grid: values tried by "auto" (default: DEFAULT_GRIDS[method]).
+        grid: values tried by "auto" (default: DEFAULT_GRIDS[method]); sorted ascending.
+        rule: how "auto" picks from the held-out MRR@10 per value: "one-se" (default) or "best".
         seed: which query per passage "auto" holds out.
         weighting: "uniform", or "similarity" (softmax of query-passage cosine / temperature).
         temperature: softmax temperature of the "similarity" weighting.
@@ -232,7 +265,7 @@ class QueryFusion:
 
     def __init__(self, bank: QueryBank, method: FusionMethod = "mean", *, alpha: Strength | None = None,
                  beta: Strength | None = None, gamma: Strength | None = None, grid: Sequence[float] | None = None,
-                 seed: int = 0, weighting: Weighting = "uniform", temperature: float = 0.05,
+                 rule: SelectionRule = "one-se", seed: int = 0, weighting: Weighting = "uniform", temperature: float = 0.05,
                  drop_fraction: float = 0.0) -> None:
         if method not in FUSERS:
             raise ValueError(f"unknown fusion method {method!r}; choose one of {sorted(FUSERS)}")
@@ -246,9 +279,11 @@ class QueryFusion:
             raise ValueError(f"{own} must be a number >= 0 or 'auto', got {strength!r}")
         if method == "mean" and strength != "auto" and strength > 1:
             raise ValueError(f"alpha is a mixing weight in [0, 1], got {strength}")
-        self.grid = [float(v) for v in (grid if grid is not None else DEFAULT_GRIDS[method])]
+        self.grid = sorted(float(v) for v in (grid if grid is not None else DEFAULT_GRIDS[method]))
         if not self.grid or any(v < 0 for v in self.grid):
             raise ValueError(f"the auto grid must be non-empty values >= 0, got {self.grid}")
+        if rule not in ("one-se", "best"):
+            raise ValueError(f"rule must be 'one-se' or 'best', got {rule!r}")
         if weighting not in ("uniform", "similarity"):
             raise ValueError(f"weighting must be 'uniform' or 'similarity', got {weighting!r}")
         if temperature <= 0:
@@ -262,6 +297,7 @@ class QueryFusion:
         self.parameter = own
         self.strength: Strength = strength
         self.seed = seed
+        self.rule = rule
         self.weighting = weighting
         self.temperature = temperature
         self.drop_fraction = drop_fraction
@@ -270,7 +306,7 @@ class QueryFusion:
 
     @property
     def tag(self) -> str:
-        value = "auto" if self.strength == "auto" else f"{self.strength:g}"
+        value = ("auto" + ("-best" if self.rule == "best" else "")) if self.strength == "auto" else f"{self.strength:g}"
         extra = ("-simw" if self.weighting == "similarity" else "") + (
             f"-drop{self.drop_fraction:g}" if self.drop_fraction else "")
         return f"fuse-{self.method}-{self.parameter[0]}{value}{extra}"
@@ -282,17 +318,23 @@ class QueryFusion:
         if self.weighting == "similarity":
             config["temperature"] = self.temperature
         if self.strength == "auto":
-            config.update(grid=self.grid, seed=self.seed, selection="heldout-generated-query MRR@10")
+            config.update(grid=self.grid, seed=self.seed, rule=self.rule, selection="heldout-generated-query MRR@10")
         return config
 
     @property
     def training_datasets(self) -> set[str]:
         return set()
 
-    def fuse(self, passages: np.ndarray, queries: CorpusQueries, strength: float) -> np.ndarray:
-        """Fused (n_docs, d) float64 vectors of `passages` with `queries` at one strength."""
+    def fuse(self, passages: np.ndarray, queries: CorpusQueries, strength: float,
+             scale: np.ndarray | None = None) -> np.ndarray:
+        """Fused (n_docs, d) float64 vectors of `passages` with `queries` at one strength.
+
+        `scale` (n_queries,) multiplies the query weights (held-out selection uses it for "sum").
+        """
         weights = (similarity_weights(queries, passages, self.temperature) if self.weighting == "similarity"
                    else np.ones(len(queries.owner)))
+        if scale is not None:
+            weights = weights * scale
         sums, counts = weighted_sums(queries, weights, passages.shape[0])
         return FUSERS[self.method](passages, sums, counts, strength)
 
@@ -308,18 +350,28 @@ class QueryFusion:
 
     def select(self, passages: np.ndarray, queries: CorpusQueries, encoder: SteerEncoder,
                task_name: str = "") -> AutoSelection:
-        """Label-free choice of the strength: held-out generated queries retrieving their own passage."""
+        """Label-free choice of the strength: held-out generated queries retrieving their own passage.
+
+        For "sum" the remaining n-1 queries of a passage are scaled by n/(n-1), so the fused vector
+        has the magnitude it will have with all n queries (mean and rotate do not depend on n).
+        """
         held = hold_out_one(queries.owner, passages.shape[0], self.seed)
         if not held.any():
             raise BankError(f"{self.parameter}='auto' needs passages with >= 2 generated queries; "
                             f"{task_name or 'this corpus'} has none (give {self.parameter} explicitly)")
         rest, probe = queries.subset(~held), queries.subset(held)
-        scores = [mrr_at_10(probe.vectors, probe.owner, self.fuse(passages, rest, value).astype(np.float32), encoder)
-                  for value in self.grid]
-        best = int(np.argmax(scores))  # first maximum: the smallest strength among ties
-        selection = AutoSelection(self.parameter, list(self.grid), scores, self.grid[best], int(held.sum()))
-        logger.info("%s auto (%s, %d held-out queries): %s -> %s=%g", self.tag, task_name, selection.heldout_queries,
-                    selection.table(), self.parameter, selection.chosen)
+        scale = None
+        if self.method == "sum":
+            n_docs = passages.shape[0]
+            scale = (np.bincount(queries.owner, minlength=n_docs) / np.bincount(rest.owner, minlength=n_docs))[rest.owner]
+        ranks = [reciprocal_ranks(probe.vectors, probe.owner,
+                                  self.fuse(passages, rest, value, scale).astype(np.float32), encoder)
+                 for value in tqdm(self.grid, desc=f"{self.parameter}=auto", leave=False)]
+        selection = AutoSelection(self.parameter, self.rule, list(self.grid), [float(r.mean()) for r in ranks],
+                                  [float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0 for r in ranks],
+                                  pick_strength(self.grid, ranks, self.rule), int(held.sum()))
+        logger.info("%s auto (%s, %d held-out queries, rule %s): %s -> %s=%g", self.tag, task_name,
+                    selection.heldout_queries, self.rule, selection.table(), self.parameter, selection.chosen)
         return selection
 
     def steer_corpus(self, index: CorpusIndex, encoder: SteerEncoder) -> np.ndarray:

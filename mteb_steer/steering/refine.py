@@ -228,8 +228,9 @@ def refine_vectors(q0: torch.Tensor, candidates: torch.Tensor, teacher_scores: n
 
     q0 (n, dim) and candidates (n, k, dim) share dtype and device; teacher_scores (n, k) floats, -inf
     meaning "no mass on this candidate" (rows with NaN/+inf, no finite score or no preference are not
-    moved). Returns the refined
-    (n, dim) vectors and counts of how many queries were moved, frozen by the guard, skipped.
+    moved). Returns the refined (n, dim) vectors and counts: moved, satisfied_at_start (frozen by
+    the guard before any step), converged_early (frozen by the guard later), no_teacher_preference,
+    non_finite_teacher.
     """
     scores = torch.as_tensor(teacher_scores, dtype=torch.float64, device=q0.device)
     finite = torch.isfinite(scores)
