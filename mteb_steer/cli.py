@@ -124,7 +124,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     tasks = [resolve_task(name, args.data_root) for name in args.tasks]
     for task in tasks:  # bad data fails here, before any model loads
         task.load_data()
-    strength = next((v for v in (args.alpha, args.beta, args.gamma) if v is not None), "auto")
+    given = {name: getattr(args, name) for name in ("alpha", "beta", "gamma") if getattr(args, name) is not None}
+    own = {"mean": "alpha", "sum": "beta", "rotate": "gamma"}.get(args.fusion)
+    stray = sorted(set(given) - {own})
+    if stray:
+        raise ValueError(f"--{', --'.join(stray)} does not apply to --fusion {args.fusion} "
+                         f"({'takes --' + own if own else 'no fusion selected'})")
+    strength = given.get(own, "auto")
     config = SteerConfig(
         model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
         query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,

@@ -177,3 +177,10 @@ def test_unknown_device_fails_before_loading(capsys, scifact_slice):
 
     assert main(["evaluate", "-t", str(scifact_slice), "--device", "tpu"]) == 2
     assert "tpu" in capsys.readouterr().err
+
+
+def test_fusion_strength_flag_must_match_method(capsys):
+    from mteb_steer.cli import main
+
+    assert main(["evaluate", "-t", "SciFact", "--fusion", "mean", "--beta", "0.1"]) == 2
+    assert "--beta" in capsys.readouterr().err

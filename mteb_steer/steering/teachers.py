@@ -1,7 +1,9 @@
 """Teachers for test-time refinement: anything that scores (query, candidate passage) pairs.
 
 One small interface, `Teacher.score(query_ids, query_texts, candidate_rows, index) -> (n_q, k)`,
-higher = more relevant, any scale (the refinement's teacher temperature sets the sharpness).
+higher = more relevant, any scale (the refinement's teacher temperature sets the sharpness);
+-inf = "give this candidate no mass" (a query's own passage), NaN = "no judgement" (the query
+is then left unrefined).
 Like every step, a teacher has a short `tag`, a full `describe()` (hashed into the model's
 revision) and `training_datasets` (labelled MTEB data it uses: only the gold oracle has any).
 
@@ -86,13 +88,6 @@ class GoldTeacher:
         self.qrels = {str(q): {str(d): int(g) for d, g in docs.items()} for q, docs in qrels.items()}
         self.task_name = task_name
         self.tag = "gold-oracle"
-
-    @classmethod
-    def from_folder(cls, folder: str | Path, split: str, task_name: str) -> GoldTeacher:
-        """Labels from a BEIR folder's `qrels/<split>.tsv`."""
-        from mteb_steer.beir import read_qrels
-
-        return cls(read_qrels(Path(folder) / "qrels" / f"{split}.tsv"), task_name)
 
     def describe(self) -> dict[str, Any]:
         return {"teacher": "gold-labels (oracle upper bound)", "task": self.task_name,
