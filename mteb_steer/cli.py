@@ -121,9 +121,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from mteb_steer.tasks import resolve_task
 
     check_device(args.device)
-    tasks = [resolve_task(name, args.data_root) for name in args.tasks]
-    for task in tasks:  # bad data fails here, before any model loads
-        task.load_data()
     given = {name: getattr(args, name) for name in ("alpha", "beta", "gamma") if getattr(args, name) is not None}
     own = {"mean": "alpha", "sum": "beta", "rotate": "gamma"}.get(args.fusion)
     stray = sorted(set(given) - {own})
@@ -131,6 +128,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--{', --'.join(stray)} does not apply to --fusion {args.fusion} "
                          f"({'takes --' + own if own else 'no fusion selected'})")
     strength = given.get(own, "auto")
+    tasks = [resolve_task(name, args.data_root) for name in args.tasks]
+    for task in tasks:  # bad data fails here, before any model loads
+        task.load_data()
     config = SteerConfig(
         model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
         query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
