@@ -32,7 +32,7 @@ from mteb_steer.steering.banks import QueryBank, load_bank  # noqa: E402
 from mteb_steer.steering.lexical import FUSION_MODES, LexicalHybrid, LexicalIndex, disk_bytes  # noqa: E402
 from mteb_steer.tasks import resolve_task  # noqa: E402
 
-DEFAULT_SETTINGS = ["dense", "bm25", "default", "zscore:0.2", "zscore:0.4", "zscore:0.5", "rrf:0.5", "minmax:0.3"]
+DEFAULT_SETTINGS = ["dense", "bm25", "default", "zscore:0.1", "zscore:0.3", "zscore:0.5", "rrf:0.3", "minmax:0.3"]
 
 
 def hybrid_for(setting: str, bank: QueryBank | None, index_dir: Path) -> LexicalHybrid | None:
@@ -53,14 +53,15 @@ def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank:
                       index_dir: Path, encoder: SteerEncoder) -> list[dict]:
     """One row per setting: {setting, splits: {split: (ndcg@10, recall@100)}, mean_ndcg, mean_recall, ms_per_query}."""
     task = resolve_task(task_name, data_root)
+    task.load_data()  # mteb.evaluate unloads the data after each run: count the last split's queries now
+    last = task.eval_splits[-1]
+    n_queries = len(task.dataset["default"][last]["queries"])
     rows = []
     for setting in settings:
         model = SteerSearch(encoder, score_fusion=hybrid_for(setting, bank, index_dir))
         result = mteb.evaluate(model, task, cache=None, show_progress_bar=False).task_results[0]
         splits = {split: (scores[0]["ndcg_at_10"], scores[0]["recall_at_100"])
                   for split, scores in sorted(result.scores.items())}
-        last = task.eval_splits[-1]
-        n_queries = len(task.dataset["default"][last]["queries"])
         rows.append({"setting": setting, "tag": model.score_fusion.tag if model.score_fusion else "dense",
                      "splits": splits,
                      "mean_ndcg": sum(s[0] for s in splits.values()) / len(splits),

@@ -174,7 +174,10 @@ def test_union_regime_equals_full_regime_on_its_candidates(scifact_setup, fusion
     scored = got > floor
     assert (scored.sum(1) >= candidates).all()
     np.testing.assert_allclose(got[scored].numpy(), expected[scored].numpy(), rtol=1e-5, atol=1e-6)
-    assert torch.equal(torch.topk(got, 10).indices.sort(1).values, torch.topk(expected, 10).indices.sort(1).values)
+    # the union regime ranks exactly as the full regime does among its candidates; a passage outside
+    # both top-N lists can reach the full regime's top 10 (the documented approximation), never the union's
+    restricted = expected.masked_fill(~scored, float("-inf"))
+    assert torch.equal(torch.topk(got, 10).indices.sort(1).values, torch.topk(restricted, 10).indices.sort(1).values)
 
 
 # -- expansion -------------------------------------------------------------------------------------
