@@ -51,6 +51,10 @@ MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence
 TASKS = ("SciFact", "ArguAna", "TRECDLPool")
 QUICK_TASKS = ("SciFact", "ArguAna")
 TEACHER = MODELS["mpnet"]  # embedding teacher for refinement (the larger offline model)
+# Cold corpus-encoding speed on the 2-core benchmark CPU (SciFact passages, batch 32; BENCHMARKS.md).
+# Without a GPU, a cell that would encode a corpus slower than CPU_BUDGET_MIN is skipped (--allow-slow runs it).
+CPU_PASSAGES_PER_S = {MODELS["mpnet"]: 1.3}
+CPU_BUDGET_MIN = 30
 QUICK_TIMING_DOCS = 300
 QUICK_TIMING_TASK = "ArguAna"  # full-coverage published bank: the fusion cost is not understated
 # labels a step may name for a task (the lexical defaults name the TREC DL years of the pool)
@@ -219,10 +223,18 @@ class Bench:
         self._tasks: dict[str, Any] = {}
 
     def save(self) -> None:
-        """Write the cost records and the cell -> result index (what lets later runs read cells back)."""
+        """Write the cost records and the cell -> result index (what lets later runs read cells back).
+
+        Merged with what is on disk, so two runs on different cells (e.g. --only) keep each other's records.
+        """
         self.work.mkdir(parents=True, exist_ok=True)
-        self.costs_path.write_text(json.dumps(self.costs, indent=1, sort_keys=True) + "\n")
-        self.cells_path.write_text(json.dumps(self.cells, indent=1, sort_keys=True) + "\n")
+        for path, mine in ((self.costs_path, self.costs), (self.cells_path, self.cells)):
+            on_disk = json.loads(path.read_text()) if path.exists() else {}
+            timing = {**on_disk.get("encode_timing", {}), **mine.get("encode_timing", {})}
+            mine.update({**on_disk, **mine, **({"encode_timing": timing} if timing else {})})
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(mine, indent=1, sort_keys=True) + "\n")
+            tmp.replace(path)
 
     def adopt(self, key: str, name: str, encoder: Any) -> None:
         """Use an already loaded encoder (a comparator) as model `key`."""
@@ -271,7 +283,11 @@ class Bench:
         kind "labelled": the task's own train split; "genq": the corpus's generated queries.
         """
         from mteb_steer.beir import available_splits
-        from mteb_steer.steering.adapter import pairs_from_split, train_adapter, training_pairs
+        from mteb_steer.steering.adapter import (
+            pairs_from_split,
+            train_adapter,
+            training_pairs,
+        )
         from mteb_steer.tasks import LOCAL_FOLDERS
 
         folder = self.work / "adapters" / f"{model}-{task}-{kind}"
@@ -319,6 +335,10 @@ class Bench:
                 raise RuntimeError(f"build_model ignored the steering options {sorted(fields)}")
             meta = model.mteb_model_meta
             done = ResultCache(self.out).get_task_result_path(cell.task, meta).exists()
+            if not done:
+                teacher = str(fields.get("refine_teacher", ""))
+                self.check_cpu_budget({self.models[cell.model]} | ({teacher[len("embedding:"):]}
+                                      if teacher.startswith("embedding:") else set()), cell.task)
             log: list[dict[str, Any]] = []
             _record_calls(model, log)
             started = time.perf_counter()
@@ -355,6 +375,24 @@ class Bench:
         return [Row(cell_id, model, recipe, task, split, scores[0]["ndcg_at_10"], scores[0].get("recall_at_100"),
                     entry["labels"], {**cost, "split": _split_costs(cost.get("calls", []), split)})
                 for split, scores in TaskResult.from_disk(path).scores.items()]
+
+    def check_cpu_budget(self, model_names: set[str], task_name: str, limit: int | None = None,
+                         passes: int = 1) -> None:
+        """Skip (not fail) work that would encode `task_name`'s corpus (`passes` times) for hours on this CPU."""
+        import torch
+
+        if self.args.allow_slow or (self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
+            return
+        task = self.task(task_name)
+        task.load_data()
+        docs = len(task.dataset["default"][task.metadata.eval_splits[0]]["corpus"])
+        docs = min(docs, limit) if limit else docs
+        for name in sorted(model_names & set(CPU_PASSAGES_PER_S)):
+            minutes = passes * docs / CPU_PASSAGES_PER_S[name] / 60
+            if minutes > CPU_BUDGET_MIN:
+                raise Skip(f"{name} encodes about {CPU_PASSAGES_PER_S[name]} passages/s on a 2-core CPU: "
+                           f"{passes} x {docs:,} passages would take about {minutes:.0f} min "
+                           "(run on a GPU, or --allow-slow)")
 
     @staticmethod
     def _adapter_training(fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -397,6 +435,7 @@ class Bench:
         record_key = f"{model}/{task_name}/{limit or 'all'}"
         if record_key in self.costs.get("encode_timing", {}) and not self.args.retime:
             return self.costs["encode_timing"][record_key]
+        self.check_cpu_budget({self.models[model]}, task_name, limit, passes=3)  # plain, fusion-mean, combo
         task = self.task(task_name)
         task.load_data()
         split = task.metadata.eval_splits[0]
@@ -479,12 +518,14 @@ def _llm_cost(row: Row) -> str:
     return f"{bank['requests']:,} req / {tokens:,} tok" + coverage
 
 
+def _uses_task_labels(row: Row) -> bool:
+    return bool(TASK_LABEL_NAMES.get(row.task, {row.task}) & set(row.labels))
+
+
 def _labels(row: Row) -> str:
     if not row.labels:
         return "none"
-    own = TASK_LABEL_NAMES.get(row.task, {row.task})
-    flag = " **(this task's labels)**" if own & set(row.labels) else ""
-    return ", ".join(row.labels) + flag
+    return ", ".join(row.labels) + (" **(this task's labels)**" if _uses_task_labels(row) else "")
 
 
 def quality_tables(rows: list[Row], command: Callable[[str], str]) -> list[str]:
@@ -565,11 +606,32 @@ def machine_lines(started: float) -> list[str]:
             f"run finished {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, wall time {time.time() - started:.0f} s"]
 
 
-PLOT_COLORS = {"plain": "#8c8c8c", "label-free": "#4c72b0", "labels": "#c44e52"}
+PLOT_COLORS = {"plain": "#8c8c8c", "label-free": "#4c72b0", "other-labels": "#8fb3e0", "labels": "#c44e52"}
+PLOT_KINDS = {"label-free": "steered, label-free", "other-labels": "steered, defaults tuned on other labelled data",
+              "labels": "steered, uses this task's labels (oracle / train split)"}
 
 
 def _kind(row: Row) -> str:
-    return "plain" if row.recipe == "plain" else "labels" if row.labels else "label-free"
+    if row.recipe == "plain":
+        return "plain"
+    return "labels" if _uses_task_labels(row) else "other-labels" if row.labels else "label-free"
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: int = 7) -> None:
+    """Annotate points, nudging each label up until it clears the labels already placed (no overlaps)."""
+    ax.figure.canvas.draw()
+    placed: list[tuple[float, float, float, float]] = []  # display-space boxes
+    for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
+        px, py = ax.transData.transform((x, y))
+        width, height = 0.55 * fontsize * len(text), 1.25 * fontsize
+        dy = 2.0
+        while any(px + 4 < bx1 and bx0 < px + 4 + width and py + dy < by1 and by0 < py + dy + height
+                  for bx0, by0, bx1, by1 in placed):
+            dy += height * 0.8
+        placed.append((px + 4, py + dy, px + 4 + width, py + dy + height))
+        ax.annotate(text, (x, y), fontsize=fontsize, xytext=(4, dy * 72 / ax.figure.dpi),
+                    textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if dy > 2.0 else None)
 
 
 def plots(rows: list[Row], out_dir: Path) -> list[Path]:
@@ -604,10 +666,9 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
         ax.set_xlabel("nDCG@10")
         ax.set_title(f"{panel[0]} ({panel[1]} split)", fontsize=10)
     fig.legend(handles=[Patch(facecolor=PLOT_COLORS["plain"], label="plain base model"),
-                        Patch(facecolor=PLOT_COLORS["label-free"], label="steered, label-free"),
-                        Patch(facecolor=PLOT_COLORS["labels"], label="steered, uses labels (oracle/train)"),
+                        *(Patch(facecolor=PLOT_COLORS[k], label=text) for k, text in PLOT_KINDS.items()),
                         Patch(facecolor="white", hatch="///", edgecolor="black", label="published, not measured")],
-               loc="lower center", ncol=4, fontsize=8, frameon=False)
+               loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("Retrieval quality per configuration (measured on this machine unless marked PUBLISHED)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -616,24 +677,29 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     plain = {(r.model, r.task, r.split): r.ndcg for r in rows if r.recipe == "plain"}
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     markers = {"SciFact": "o", "ArguAna": "s", "TRECDLPool": "^"}
+    several_models = len({r.model for r in rows}) > 1
+    points: list[tuple[float, float, str]] = []
     for r in rows:
         if r.recipe == "plain" or (r.model, r.task, r.split) not in plain:
             continue
         seconds = (_steering_seconds(r) or 0.0) + (r.cost.get("adapter_training") or {}).get("seconds", 0.0)
         gain = r.ndcg - plain[(r.model, r.task, r.split)]
-        ax.scatter(seconds, gain, marker=markers.get(r.task, "x"), color=PLOT_COLORS[_kind(r)], s=45)
-        ax.annotate(f"{r.recipe} ({r.model}, {r.task}{'' if r.split == 'test' else ' ' + r.split})",
-                    (seconds, gain), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.scatter(seconds, gain, marker=markers.get(r.task, "x"), color=PLOT_COLORS[_kind(r)], s=45,
+                   edgecolor="black", linewidth=0.4, zorder=3)
+        where = ", ".join([*([r.model] if several_models else []), *([r.split] if r.split != "test" else [])])
+        points.append((seconds, gain, r.recipe + (f" ({where})" if where else "")))
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
+    _place_labels(ax, points)
     ax.set_xlabel("extra compute for steering, seconds (index + query steps + adapter fitting; symlog scale)")
     ax.set_ylabel("nDCG@10 gain over the plain base model")
-    ax.set_title("Quality gain vs cost", fontsize=11)
+    ax.set_title("Quality gain vs cost (marker: task; colour: what labels the steering used)", fontsize=11)
     ax.legend(handles=[*(plt.Line2D([], [], marker=m, ls="", color="black", label=t) for t, m in markers.items()),
-                       Patch(color=PLOT_COLORS["label-free"], label="label-free"),
-                       Patch(color=PLOT_COLORS["labels"], label="uses labels")], fontsize=8, loc="best")
+                       *(Patch(color=PLOT_COLORS[k], label=text) for k, text in PLOT_KINDS.items())],
+              fontsize=8, loc="upper left")
     fig.tight_layout()
     gain = out_dir / "benchmark_gain_vs_cost.png"
     fig.savefig(gain, dpi=120, bbox_inches="tight")
@@ -720,10 +786,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-timing", action="store_true", help="skip the cold encoding timing")
+    parser.add_argument("--timing-docs", type=int, default=None, metavar="N",
+                        help=f"time cold encoding on the first N passages of each corpus (default: all; "
+                             f"--quick: {QUICK_TIMING_DOCS} {QUICK_TIMING_TASK} passages)")
     parser.add_argument("--retime", action="store_true", help="re-measure the cold encoding timing")
+    parser.add_argument("--allow-slow", action="store_true",
+                        help=f"on CPU, also run cells whose corpus encoding would exceed {CPU_BUDGET_MIN} min "
+                             "(all-mpnet-base-v2 on ArguAna and the TREC-DL pool)")
     parser.add_argument("--online", action="store_true",
                         help="allow Hugging Face hub downloads, so comparators can be measured (default: offline)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick and args.timing_docs is None:
+        args.timing_docs = QUICK_TIMING_DOCS
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -768,7 +843,10 @@ def main(argv: list[str] | None = None) -> int:
         for model in [m for m in MODELS if m in {cell.model for cell in cells}]:
             for task in [t for t in timing_tasks if t in {cell.task for cell in cells}]:
                 try:
-                    record = bench.encode_timing(model, task, QUICK_TIMING_DOCS if args.quick else None)
+                    record = bench.encode_timing(model, task, args.timing_docs)
+                except Skip as skip:
+                    outcomes.append(Outcome(f"timing {model}/{task}", "skip", str(skip)))
+                    continue
                 except Exception as err:  # a timing failure is reported, the quality tables still get written
                     outcomes.append(Outcome(f"timing {model}/{task}", "error", f"{type(err).__name__}: {err}"))
                     continue

@@ -24,13 +24,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import mteb  # noqa: E402
+import mteb
 
-from mteb_steer.encoder import SteerEncoder, passage_text  # noqa: E402
-from mteb_steer.search import SteerSearch  # noqa: E402
-from mteb_steer.steering.banks import QueryBank, load_bank  # noqa: E402
-from mteb_steer.steering.lexical import FUSION_MODES, LexicalHybrid, LexicalIndex, disk_bytes  # noqa: E402
-from mteb_steer.tasks import resolve_task  # noqa: E402
+from mteb_steer.encoder import SteerEncoder, passage_text
+from mteb_steer.search import SteerSearch
+from mteb_steer.steering.banks import QueryBank, load_bank
+from mteb_steer.steering.lexical import (
+    FUSION_MODES,
+    LexicalHybrid,
+    LexicalIndex,
+    disk_bytes,
+)
+from mteb_steer.tasks import resolve_task
 
 DEFAULT_SETTINGS = ["dense", "bm25", "default", "zscore:0.1", "zscore:0.3", "zscore:0.5", "rrf:0.3", "minmax:0.3"]
 
@@ -103,7 +108,7 @@ def index_costs(task_name: str, data_root: str, bank: QueryBank | None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         size = disk_bytes(index.save(Path(tmp) / "index"))
     started = time.perf_counter()
-    matched, _ = index.sparse_scores(index.query_matrix(queries)[0])
+    index.sparse_scores(index.query_matrix(queries)[0])
     per_query_ms = 1000 * (time.perf_counter() - started) / len(queries)
     return (f"BM25 index ({len(texts)} passages{', expanded' if bank else ''}): build {build_s:.1f} s, "
             f"{size / 2**20:.1f} MiB on disk ({index.term_docs.nnz} postings), "

@@ -52,6 +52,32 @@ def test_selection_adds_the_plain_cells_deltas_need(tmp_path, data_root):
     assert len(ids) == len(chosen) == 1 + 2 * len(benchmark.MODELS) * len(benchmark.TASKS)
 
 
+def test_cpu_budget_skips_hours_of_encoding_unless_allowed(tmp_path, data_root):
+    bench = _bench(tmp_path, data_root)
+    bench.args.device = "cpu"
+    with pytest.raises(benchmark.Skip, match=r"8,674 passages would take about 111 min"):
+        bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna")
+    bench.check_cpu_budget({benchmark.MODELS["minilm"]}, "ArguAna")  # no recorded CPU speed: never skipped
+    bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna", limit=300)  # 300 passages: about 4 min
+    with pytest.raises(benchmark.Skip, match=r"3 x 1,000 passages"):
+        bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna", limit=1000, passes=3)
+    bench.args.allow_slow = True
+    bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna")
+
+
+def test_two_runs_keep_each_others_records(tmp_path, data_root):
+    first, second = _bench(tmp_path, data_root), _bench(tmp_path, data_root)  # both loaded before either saves
+    first.cells["minilm/plain/SciFact"] = {"name": "a"}
+    first.costs["encode_timing"] = {"minilm/SciFact/300": {"docs": 300}}
+    first.save()
+    second.cells["mpnet/plain/SciFact"] = {"name": "b"}
+    second.costs["encode_timing"] = {"minilm/ArguAna/300": {"docs": 300}}
+    second.save()
+    assert set(json.loads(second.cells_path.read_text())) == {"minilm/plain/SciFact", "mpnet/plain/SciFact"}
+    assert set(json.loads(second.costs_path.read_text())["encode_timing"]) == {"minilm/SciFact/300",
+                                                                                "minilm/ArguAna/300"}
+
+
 def test_section_replaces_only_its_markers(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\nowner text\n")

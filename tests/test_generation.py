@@ -307,6 +307,9 @@ def test_real_server_generates_parsed_queries_and_rerun_sends_nothing(llama_smol
     assert load_bank(bank_path) == first.bank
     meta = load_bank_metadata(bank_path)
     assert meta["generator"]["model"] == "smollm2-135m" and meta["passages_with_queries"] == len(passages)
+    usage = meta["llm_usage"]  # the successful request of each passage (a retried answer costs more)
+    assert usage["requests"] == len(passages) <= first.requests
+    assert 0 < usage["prompt_tokens"] <= first.prompt_tokens and 0 < usage["completion_tokens"] <= first.completion_tokens
     fresh = tmp_path / "fresh"
     assert import_bank(bank_path, passages, SMOL_CONFIG, fresh) == len(passages)
     third = generate(passages, SMOL_CONFIG, fresh, base_url=url, show_progress=False)

@@ -12,6 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mteb.types import PromptType
+from reference import ref_bm25, ref_hybrid
+from test_foundation import _run_search
 
 from mteb_steer.beir import load_beir_split
 from mteb_steer.encoder import passage_text
@@ -33,8 +35,6 @@ from mteb_steer.steering.lexical import (
 )
 from mteb_steer.steps import CorpusIndex, QueryBatch
 from mteb_steer.tasks import resolve_task
-from reference import ref_bm25, ref_hybrid
-from test_foundation import _run_search
 
 
 @pytest.fixture(scope="module")

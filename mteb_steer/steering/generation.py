@@ -595,9 +595,10 @@ def export_bank(passages: Passages, config: GenConfig, cache_dir: str | os.PathL
     prepared = prepare_passages(passages, config.max_passage_tokens)
     with QueryCache(cache_dir) as cache:
         bank = cache.export(config.identity(), prepared.items)
-    # provenance and coverage, so a partial bank says so
+        usage = cache.usage(config.identity(), prepared.items)
+    # provenance, coverage (a partial bank says so) and the LLM cost behind it
     save_bank(bank, path, metadata={"generator": config.identity(), "passages": len(prepared.items),
-                                    "passages_with_queries": len(bank)})
+                                    "passages_with_queries": len(bank), "llm_usage": usage})
     return bank
 
 

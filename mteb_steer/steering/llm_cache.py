@@ -68,6 +68,14 @@ class QueryCache:
                 bank[doc_id] = list(entry.queries)
         return bank
 
+    def usage(self, identity: Mapping[str, Any], items: Iterable[tuple[str, str]]) -> dict[str, int]:
+        """Token usage recorded for the generated (not imported) entries of `items`: the LLM cost of a bank."""
+        entries = [e for e in (self.get(identity, passage) for _, passage in items)
+                   if e is not None and e.source == "llm"]
+        return {"requests": len(entries),  # successful requests; retries of failed answers are not stored
+                "prompt_tokens": sum(e.prompt_tokens for e in entries),
+                "completion_tokens": sum(e.completion_tokens for e in entries)}
+
     def import_bank(self, identity: Mapping[str, Any], items: Iterable[tuple[str, str]], bank: QueryBank,
                     source: str, overwrite: bool = False) -> int:
         """Store `bank[doc_id]` for each item whose id is in `bank` and has queries; returns how many were written.
