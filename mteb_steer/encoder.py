@@ -22,6 +22,7 @@ from mteb_steer.identity import steered_meta
 from mteb_steer.steps import QueryTransform
 
 if TYPE_CHECKING:
+    from mteb import ModelMeta
     from mteb.abstasks.task_metadata import TaskMetadata
     from torch.utils.data import DataLoader
 
@@ -80,6 +81,11 @@ class SteerEncoder(AbsEncoder):
         return self.backbone.meta
 
     # -- the one place texts become vectors -------------------------------------------------
+    @staticmethod
+    def cache_key(base_meta: ModelMeta, kind: str, texts: list[str]) -> str:
+        """The embedding-cache key of `texts` embedded as `kind` ("query"/"document") by that base model."""
+        return EmbeddingCache.key(f"{base_meta.name}@{base_meta.revision}", kind, texts)
+
     def embed(self, texts: list[str], prompt_type: PromptType | None, *, batch_size: int | None = None,
               show_progress_bar: bool = False, apply_transforms: bool = True) -> np.ndarray:
         """Embed texts as queries or documents (float32, shape (len(texts), dim)).
@@ -90,8 +96,7 @@ class SteerEncoder(AbsEncoder):
         kind = "query" if prompt_type == PromptType.query else "document"
         base = None
         if self.cache is not None and texts:
-            model_id = f"{self.base_meta.name}@{self.base_meta.revision}"
-            key = EmbeddingCache.key(model_id, kind, texts)
+            key = self.cache_key(self.base_meta, kind, texts)
             base = self.cache.get(key)
         if base is None:
             encode = self.model.encode_query if kind == "query" else self.model.encode_document

