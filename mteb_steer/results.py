@@ -31,6 +31,7 @@ class TaskScore:
     recall_at_100: float | None
     seconds: float
     path: Path
+    reused: bool = False  # read back from an existing result file, not computed in this run
 
 
 def result_dir(output_folder: Path, model: SteerSearch) -> Path:
@@ -50,6 +51,7 @@ def evaluate_tasks(model: SteerSearch, tasks: Sequence[Any], output_folder: str 
         json.dumps(describe_configuration(model.encoder.base_meta, model.steps), indent=2, default=str) + "\n")
     scores: list[TaskScore] = []
     for task in tasks:
+        reused = not overwrite and (folder / f"{task.metadata.name}.json").exists()
         started = time.perf_counter()
         result = mteb.evaluate(model, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
                                encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
@@ -59,7 +61,7 @@ def evaluate_tasks(model: SteerSearch, tasks: Sequence[Any], output_folder: str 
             for split, entries in task_result.scores.items():
                 entry = entries[0]
                 scores.append(TaskScore(task_result.task_name, split, entry["ndcg_at_10"], entry.get("recall_at_100"),
-                                        elapsed, folder / f"{task_result.task_name}.json"))
+                                        elapsed, folder / f"{task_result.task_name}.json", reused))
     return scores
 
 
@@ -68,5 +70,8 @@ def format_table(scores: Sequence[TaskScore]) -> str:
     lines = [f"{'task':<16} {'split':<6} {'nDCG@10':>8} {'R@100':>7} {'sec':>7}"]
     for s in scores:
         recall = f"{s.recall_at_100:.4f}" if s.recall_at_100 is not None else "-"
-        lines.append(f"{s.task:<16} {s.split:<6} {s.ndcg_at_10:>8.4f} {recall:>7} {s.seconds:>7.1f}")
+        seconds = "cached" if s.reused else f"{s.seconds:.1f}"
+        lines.append(f"{s.task:<16} {s.split:<6} {s.ndcg_at_10:>8.4f} {recall:>7} {seconds:>7}")
+    if any(s.reused for s in scores):
+        lines.append("cached: read back from an existing result file (--overwrite recomputes)")
     return "\n".join(lines)

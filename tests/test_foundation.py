@@ -111,10 +111,14 @@ def test_two_configurations_never_share_a_result_path(tmp_path, encoder):
     assert steered_meta(base, [_Tag("fusion", 0.1)]).revision == a.revision  # deterministic
 
 
-def test_cli_writes_leaderboard_layout(tmp_path, scifact_slice):
+def test_cli_writes_leaderboard_layout(tmp_path, scifact_slice, capsys):
     from mteb_steer.cli import main
 
-    assert main(["evaluate", "-t", str(scifact_slice), "--output-folder", str(tmp_path), "--device", "cpu"]) == 0
+    args = ["evaluate", "-t", str(scifact_slice), "--output-folder", str(tmp_path), "--device", "cpu"]
+    assert main(args) == 0
+    assert "cached" not in capsys.readouterr().out
+    assert main(args) == 0  # a finished task is read back, and the table says so
+    assert "read back from an existing result file" in capsys.readouterr().out
     meta = mteb.get_model_meta("sentence-transformers/all-MiniLM-L6-v2")
     folder = tmp_path / "results" / "sentence-transformers__all-MiniLM-L6-v2" / meta.revision
     assert (folder / "LocalScifact.json").exists()
