@@ -387,19 +387,20 @@ class Bench:
         """
         import torch
 
-        if self.args.allow_slow or (self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
+        slow = sorted(model_names & set(CPU_PASSAGES_PER_S))
+        if not slow or self.args.allow_slow or (
+                self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
             return
         from mteb_steer.backbone import resolve_backbone
         from mteb_steer.embedding_cache import EmbeddingCache
-        from mteb_steer.encoder import SteerEncoder, passage_text
+        from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
 
         task = self.task(task_name)
         task.load_data()
         corpus = task.dataset["default"][task.metadata.eval_splits[0]]["corpus"]
         docs = min(len(corpus), limit) if limit else len(corpus)
         cache = EmbeddingCache(self.args.embedding_cache) if self.args.embedding_cache and not limit else None
-        titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
-        texts = [passage_text(t, x) for t, x in zip(titles, corpus["text"], strict=True)] if cache else []
+        texts = dataset_passage_texts(corpus) if cache else []
 
         def cached(name: str) -> bool:  # the quality run would read this corpus's vectors from the cache
             try:
@@ -408,7 +409,7 @@ class Bench:
                 return False
             return cache is not None and cache.has(SteerEncoder.cache_key(meta, "document", texts))
 
-        for name in sorted(model_names & set(CPU_PASSAGES_PER_S)):
+        for name in slow:
             if cached(name):
                 continue
             minutes = passes * docs / CPU_PASSAGES_PER_S[name] / 60

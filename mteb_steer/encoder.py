@@ -44,6 +44,12 @@ def corpus_texts(corpus: Iterable[dict[str, Any]] | Iterable[str] | dict[str, di
     return [doc if isinstance(doc, str) else passage_text(doc.get("title"), doc.get("text")) for doc in corpus]
 
 
+def dataset_passage_texts(corpus: Any) -> list[str]:
+    """Passage texts of an mteb corpus dataset (columns `title`?, `text`): what the search model embeds."""
+    titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
+    return [passage_text(t, x) for t, x in zip(titles, corpus["text"], strict=True)]
+
+
 class SteerEncoder(AbsEncoder):
     """An mteb `EncoderProtocol` over any SentenceTransformer, with optional query transforms.
 

@@ -20,7 +20,7 @@ import torch
 from mteb._create_dataloaders import create_dataloader
 from mteb.types import PromptType
 
-from mteb_steer.encoder import SteerEncoder, passage_text
+from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
 from mteb_steer.identity import steered_meta
 from mteb_steer.steps import CorpusIndex, CorpusStep, QueryBatch, QueryStep, ScoreFusion
 
@@ -104,8 +104,7 @@ class SteerSearch:
         if len(corpus) == 0:
             raise ValueError(f"{task_metadata.name} ({hf_split}): the corpus is empty")
         ids = [str(i) for i in corpus["id"]]
-        titles = corpus["title"] if "title" in corpus.column_names else [None] * len(ids)
-        texts = [passage_text(t, x) for t, x in zip(titles, corpus["text"], strict=True)]
+        texts = dataset_passage_texts(corpus)
         started = time.perf_counter()
         loader = create_dataloader(corpus, task_metadata=task_metadata, prompt_type=PromptType.document,
                                    batch_size=encode_kwargs.get("batch_size", 32), num_proc=num_proc)

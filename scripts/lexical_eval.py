@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mteb
 
-from mteb_steer.encoder import SteerEncoder, passage_text
+from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.banks import QueryBank, load_bank
 from mteb_steer.steering.lexical import (
@@ -99,8 +99,7 @@ def index_costs(task_name: str, data_root: str, bank: QueryBank | None) -> str:
     split = task.eval_splits[-1]
     data = task.dataset["default"][split]
     corpus = data["corpus"]
-    titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
-    texts = [passage_text(t, x) for t, x in zip(titles, corpus["text"], strict=True)]
+    texts = dataset_passage_texts(corpus)
     queries = list(data["queries"]["text"])
     started = time.perf_counter()
     index = LexicalIndex.build([str(i) for i in corpus["id"]], texts, bank=bank)
