@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _evaluate(args: argparse.Namespace) -> int:
     from mteb_steer.backbone import check_device
     from mteb_steer.pipeline import SteerConfig, build_encoder, build_model, default_output_folder
-    from mteb_steer.results import evaluate_tasks, format_table, result_dir
+    from mteb_steer.results import STEER_FIT_FILE, evaluate_tasks, format_table, read_fits, result_dir
     from mteb_steer.tasks import resolve_task
 
     check_device(args.device)
@@ -146,7 +146,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         model = build_model(config, encoder=encoder, task=task)
         print(f"model: {model.mteb_model_meta.name} @ {model.mteb_model_meta.revision}", file=sys.stderr)
         scores += evaluate_tasks(model, [task], output, overwrite=args.overwrite, batch_size=args.batch_size)
-        print(f"results: {result_dir(output, model)}", file=sys.stderr)
+        folder = result_dir(output, model)
+        for tag, fit in read_fits(folder).get(task.metadata.name, {}).items():
+            print(f"{tag}: auto chose {fit['parameter']}={fit['chosen']:g} on {task.metadata.name} "
+                  f"(held-out generated-query MRR@10, rule {fit['rule']}; {STEER_FIT_FILE})", file=sys.stderr)
+        print(f"results: {folder}", file=sys.stderr)
     print(format_table(scores))
     return 0
 

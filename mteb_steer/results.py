@@ -1,8 +1,9 @@
 """Run tasks through `mteb.evaluate` and file results with mteb's own ResultCache.
 
 Layout: `<output_folder>/results/<org__model>/<revision>/<Task>.json` plus `model_meta.json` and
-`run_settings.jsonl` (written by mteb), and `steer_config.json` (the configuration behind the
-revision, written here). Each task is saved as soon as it finishes, so a crash loses nothing.
+`run_settings.jsonl` (written by mteb), `steer_config.json` (the configuration behind the
+revision) and `steer_fit.json` (what label-free `auto` steps chose on each task's corpus), written
+here. Each task is saved as soon as it finishes, so a crash loses nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from mteb.cache import ResultCache
 
 from mteb_steer.identity import describe_configuration
 from mteb_steer.search import SteerSearch
+
+STEER_CONFIG_FILE = "steer_config.json"
+STEER_FIT_FILE = "steer_fit.json"
+SIDECAR_FILES = (STEER_CONFIG_FILE, STEER_FIT_FILE)  # ours, beside mteb's files; not task results
 
 
 @dataclass
@@ -47,7 +52,7 @@ def evaluate_tasks(model: SteerSearch, tasks: Sequence[Any], output_folder: str 
     cache = ResultCache(output_folder)
     folder = result_dir(output_folder, model)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "steer_config.json").write_text(
+    (folder / STEER_CONFIG_FILE).write_text(
         json.dumps(describe_configuration(model.encoder.base_meta, model.steps), indent=2, default=str) + "\n")
     scores: list[TaskScore] = []
     for task in tasks:
@@ -57,12 +62,27 @@ def evaluate_tasks(model: SteerSearch, tasks: Sequence[Any], output_folder: str 
                                encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
                                show_progress_bar=show_progress_bar)
         elapsed = time.perf_counter() - started
+        if not reused and model.fit_reports.get(task.metadata.name):
+            record_fit(folder, task.metadata.name, model.fit_reports[task.metadata.name])
         for task_result in result.task_results:
             for split, entries in task_result.scores.items():
                 entry = entries[0]
                 scores.append(TaskScore(task_result.task_name, split, entry["ndcg_at_10"], entry.get("recall_at_100"),
                                         elapsed, folder / f"{task_result.task_name}.json", reused))
     return scores
+
+
+def read_fits(folder: Path) -> dict[str, dict[str, Any]]:
+    """`<folder>/steer_fit.json` (task -> step tag -> what the step chose); {} when there is none."""
+    path = folder / STEER_FIT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_fit(folder: Path, task_name: str, report: dict[str, Any]) -> None:
+    """Merge one task's fit report into `<folder>/steer_fit.json`."""
+    fits = read_fits(folder)
+    fits[task_name] = report
+    (folder / STEER_FIT_FILE).write_text(json.dumps(fits, indent=2, sort_keys=True) + "\n")
 
 
 def format_table(scores: Sequence[TaskScore]) -> str:

@@ -22,7 +22,14 @@ from mteb.types import PromptType
 
 from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
 from mteb_steer.identity import steered_meta
-from mteb_steer.steps import CorpusIndex, CorpusStep, QueryBatch, QueryStep, ScoreFusion
+from mteb_steer.steps import (
+    CorpusIndex,
+    CorpusStep,
+    QueryBatch,
+    QueryStep,
+    ReportsFit,
+    ScoreFusion,
+)
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -89,6 +96,7 @@ class SteerSearch:
         self.score_fusion = score_fusion
         self.index_: CorpusIndex | None = None
         self.timings: dict[str, float] = {}
+        self.fit_reports: dict[str, dict[str, Any]] = {}  # task name -> step tag -> what the step chose
         self.mteb_model_meta = steered_meta(encoder.base_meta, self.steps)
 
     @property
@@ -120,6 +128,8 @@ class SteerSearch:
             started = time.perf_counter()
             self.score_fusion.fit(index)
             self.timings["score_fusion_fit_s"] = time.perf_counter() - started
+        self.fit_reports[index.task_name] = {step.tag: report for step in self.steps
+                                             if isinstance(step, ReportsFit) and (report := step.fit_report(index.task_name))}
         self.index_ = index
 
     def search(self, queries, *, task_metadata: TaskMetadata, hf_split: str, hf_subset: str, top_k: int,

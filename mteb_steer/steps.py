@@ -64,6 +64,19 @@ class QueryBatch:
     embeddings: np.ndarray
 
 
+@runtime_checkable
+class ReportsFit(Protocol):
+    """A step that chooses something from the corpus at index time (a label-free `auto` strength).
+
+    What it chose is filed beside the result (`steer_fit.json`), so an `auto` score can be audited.
+    """
+
+    def fit_report(self, task_name: str) -> dict[str, Any]:
+        """What was chosen on `task_name`'s corpus, JSON-able, with at least `parameter`, `chosen` and
+        `rule`; empty when nothing was chosen."""
+        ...
+
+
 class QueryTransform(Step, Protocol):
     """A pure map on query embeddings (the linear adapter): lives in the encoder, needs no corpus."""
 

@@ -6,8 +6,9 @@ Writes into `--out`:
   runs before it commits) from the files `ResultCache.get_cache_paths` finds for the model;
 - `model_meta.py`: the `ModelMeta` Python snippet the mteb model registry needs (the results
   repository refuses models the registry does not know);
-- `steer_config.json` when the result folder has one (the steering configuration behind the
-  revision; kept out of `results/` because every `*.json` there must be a task result).
+- `steer_config.json` and `steer_fit.json` when the result folder has them (the steering
+  configuration behind the revision, and what its label-free `auto` steps chose; kept out of
+  `results/` because every `*.json` there must be a task result).
 
 Then it runs on the copy what the results repository's tests check: folder == model name with
 '/' -> '__', revision folder == meta revision and not `no_revision_available`, `model_meta.json`
@@ -35,11 +36,12 @@ from mteb.models.model_meta import ModelMeta
 from mteb.results.task_result import _expand_run_settings_entry
 from packaging.version import Version
 
+from mteb_steer.results import SIDECAR_FILES, STEER_CONFIG_FILE
+
 MIN_MTEB_VERSION = Version("2.0.0")  # the results repository's run-settings check
 NO_REVISION = "no_revision_available"
 META_FILE = "model_meta.json"
 RUN_SETTINGS_FILE = "run_settings.jsonl"
-STEER_CONFIG_FILE = "steer_config.json"
 
 
 class SubmitError(ValueError):
@@ -233,9 +235,9 @@ def prepare_submission(model: str, out: str | Path, output_folder: str | Path = 
     paths = [p for p in cache.get_cache_paths(models=[meta], include_remote=False, load_experiments="match_kwargs")
              if p.parent == source]
     report = SubmissionReport()
-    keep = [p for p in paths if p.name != STEER_CONFIG_FILE and _is_mteb_task(p.stem)]
+    keep = [p for p in paths if p.name not in SIDECAR_FILES and _is_mteb_task(p.stem)]
     report.warnings += [f"{p.name}: not an MTEB task result, left out of the submission"
-                        for p in paths if p not in keep and p.name != STEER_CONFIG_FILE]
+                        for p in paths if p not in keep and p.name not in SIDECAR_FILES]
     if not keep:
         raise SubmitError(f"{source}: no result of an MTEB task to submit (found {[p.name for p in paths]})")
     out = Path(out)
@@ -245,7 +247,9 @@ def prepare_submission(model: str, out: str | Path, output_folder: str | Path = 
     steer_config = None
     if (source / STEER_CONFIG_FILE).is_file():
         steer_config = json.loads((source / STEER_CONFIG_FILE).read_text())
-        shutil.copy2(source / STEER_CONFIG_FILE, out / STEER_CONFIG_FILE)
+    for name in SIDECAR_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
     snippet = meta_snippet(meta, steer_config)
     report.snippet = out / "model_meta.py"
     report.snippet.write_text(snippet)

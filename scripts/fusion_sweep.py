@@ -5,7 +5,7 @@ Each setting is a full `mteb.evaluate` of `SteerSearch(encoder, corpus_steps=[Qu
 the task queries and the generated queries are embedded once for the whole sweep.
 
     HF_HUB_OFFLINE=1 python scripts/fusion_sweep.py --task ArguAna \\
-        --bank /work/shared/datasets/arguana-genq --data-root /work/shared/datasets
+        --bank /work/shared/datasets/arguana-genq --data-root /work/shared/datasets [--output-folder .]
 
 A setting is `method:key=value,...`, e.g. `mean:alpha=0.1`, `rotate:gamma=auto`,
 `mean:alpha=auto,weighting=similarity,drop_fraction=0.2`, `maxsim:margin=0.05`, or `none`.
@@ -26,9 +26,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import mteb
 
 from mteb_steer.encoder import SteerEncoder
+from mteb_steer.results import evaluate_tasks, read_fits
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.banks import load_bank
-from mteb_steer.steering.fusion import MultiVectorMax, QueryFusion
+from mteb_steer.steering.fusion import AutoSelection, MultiVectorMax, QueryFusion
 from mteb_steer.tasks import resolve_task
 
 logger = logging.getLogger("fusion_sweep")
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--explore", action="store_true", help="run the exploration settings (weighting, "
                         "Doc2Query-- filter, multi-vector max) instead of the default sweep")
     parser.add_argument("--output", type=Path, help="also write the markdown table here")
+    parser.add_argument("--output-folder", type=Path, help="also file every setting's result in the MTEB "
+                        "leaderboard layout under DIR/results/ (with steer_config.json and, for auto, steer_fit.json)")
+    parser.add_argument("--overwrite", action="store_true", help="with --output-folder: recompute settings "
+                        "whose result file exists (default: read them back)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("mteb").setLevel(logging.WARNING)
@@ -96,15 +101,24 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines), flush=True)
     for spec in settings:
         model, fusion = build(encoder, bank, spec)
-        started = time.perf_counter()
-        result = mteb.evaluate(model, task, cache=None, show_progress_bar=False)
-        seconds = time.perf_counter() - started
-        scores = result.task_results[0].scores
-        entry = next(iter(scores.values()))[0]
-        chosen = ", ".join(f"{s.parameter}={s.chosen:g}" for s in fusion.selections.values()) if fusion else ""
-        if fusion and fusion.selections:
-            logger.info("%s auto grid: %s", spec, " | ".join(s.table() for s in fusion.selections.values()))
-        line = f"| `{spec}` | {chosen} | {entry['ndcg_at_10']:.4f} | {entry['recall_at_100']:.4f} | {seconds:.0f} |"
+        if args.output_folder:
+            score = evaluate_tasks(model, [task], args.output_folder, overwrite=args.overwrite,
+                                   show_progress_bar=False)[0]
+            ndcg, recall = score.ndcg_at_10, score.recall_at_100
+            seconds = "read back" if score.reused else f"{score.seconds:.0f}"
+            fits = read_fits(score.path.parent).get(task.metadata.name, {})
+            selections = [AutoSelection(**fit) for fit in fits.values()]
+        else:
+            started = time.perf_counter()
+            result = mteb.evaluate(model, task, cache=None, show_progress_bar=False)
+            seconds = f"{time.perf_counter() - started:.0f}"
+            entry = next(iter(result.task_results[0].scores.values()))[0]
+            ndcg, recall = entry["ndcg_at_10"], entry["recall_at_100"]
+            selections = list(fusion.selections.values()) if fusion else []
+        chosen = ", ".join(f"{s.parameter}={s.chosen:g}" for s in selections)
+        if selections:
+            logger.info("%s auto grid: %s", spec, " | ".join(s.table() for s in selections))
+        line = f"| `{spec}` | {chosen} | {ndcg:.4f} | {recall:.4f} | {seconds} |"
         lines.append(line)
         print(line, flush=True)
     if args.output:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from mteb_steer.results import evaluate_tasks
 from mteb_steer.search import SteerSearch
+from mteb_steer.steering.banks import load_bank
+from mteb_steer.steering.fusion import QueryFusion
 from mteb_steer.steering.lexical import LexicalHybrid
 from mteb_steer.submit import (
     SubmitError,
@@ -78,6 +81,28 @@ def test_steered_result_through_the_cli(evaluated, tmp_path, capsys):
     snippet = (out / "model_meta.py").read_text()
     assert f"adapted_from={PLAIN!r}" in snippet and f"revision={meta.revision!r}" in snippet
     assert "# steering configuration" in snippet
+
+
+def test_auto_fusion_files_what_it_chose_and_submit_carries_it(tmp_path, encoder, arguana_slice, data_root):
+    """An `auto` strength is chosen on the corpus at index time: the choice is filed beside the result
+    (steer_fit.json), survives a read-back run, and travels with the submission, outside results/."""
+    bank = load_bank(data_root / "arguana-genq")
+    task = resolve_task("ArguAna", arguana_slice.parent)
+    model = SteerSearch(encoder, corpus_steps=[QueryFusion(bank, "mean")])
+    [score] = evaluate_tasks(model, [task], tmp_path / "out", show_progress_bar=False)
+    fits = json.loads((score.path.parent / "steer_fit.json").read_text())
+    choice = fits["ArguAna"]["fuse-mean-aauto"]
+    assert choice == asdict(model.corpus_steps[0].selections["ArguAna"])
+    assert choice["parameter"] == "alpha" and choice["chosen"] in choice["grid"]
+    assert len(choice["scores"]) == len(choice["grid"]) and choice["heldout_queries"] > 0
+    again = SteerSearch(encoder, corpus_steps=[QueryFusion(bank, "mean")])
+    [reread] = evaluate_tasks(again, [task], tmp_path / "out", show_progress_bar=False)
+    assert reread.reused and reread.ndcg_at_10 == score.ndcg_at_10
+    assert json.loads((score.path.parent / "steer_fit.json").read_text()) == fits
+    report = prepare_submission(model.mteb_model_meta.name, tmp_path / "sub", output_folder=tmp_path / "out")
+    assert report.ok, report.format()
+    assert json.loads((tmp_path / "sub" / "steer_fit.json").read_text()) == fits
+    assert not (report.folder / "steer_fit.json").exists() and not any("steer_fit" in w for w in report.warnings)
 
 
 def test_snippet_check_catches_a_different_meta(evaluated):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -373,6 +373,11 @@ class QueryFusion:
         logger.info("%s auto (%s, %d held-out queries, rule %s): %s -> %s=%g", self.tag, task_name,
                     selection.heldout_queries, self.rule, selection.table(), self.parameter, selection.chosen)
         return selection
+
+    def fit_report(self, task_name: str) -> dict[str, Any]:
+        """The `auto` selection made on `task_name` (grid, held-out MRR@10 per value, chosen); {} for a fixed strength."""
+        selection = self.selections.get(task_name)
+        return asdict(selection) if selection else {}
 
     def steer_corpus(self, index: CorpusIndex, encoder: SteerEncoder) -> np.ndarray:
         """The fused document vectors, float32 (n_docs, dim), in index row order."""

@@ -39,7 +39,7 @@ class GeneratedQueryFusion:
         self.method = method
         self.strength = strength
         self._generator = resolve_model(config, LocalServerConfig()).identity()
-        self.report: dict[str, Any] = {}
+        self.fusion_: QueryFusion | None = None  # the last corpus's fusion (holds its `auto` selection)
 
     def _fusion(self, bank: dict[str, list[str]]) -> QueryFusion:
         return QueryFusion(bank, self.method, **{STRENGTH_NAME[self.method]: self.strength})
@@ -60,4 +60,8 @@ class GeneratedQueryFusion:
     def steer_corpus(self, index: CorpusIndex, encoder: SteerEncoder) -> np.ndarray:
         bank = generate_bank(dict(zip(index.ids, index.texts, strict=True)), self.config, self.cache_dir,
                              base_url=self.base_url)
-        return self._fusion(bank).steer_corpus(index, encoder)
+        self.fusion_ = self._fusion(bank)
+        return self.fusion_.steer_corpus(index, encoder)
+
+    def fit_report(self, task_name: str) -> dict[str, Any]:
+        return self.fusion_.fit_report(task_name) if self.fusion_ else {}
