@@ -43,6 +43,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mteb_steer.embedding_cache import CACHE_ENV, default_embedding_cache
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent
@@ -191,8 +193,6 @@ def _record_calls(model: Any, log: list[dict[str, Any]]) -> None:
 @contextlib.contextmanager
 def _no_embedding_cache() -> Iterator[None]:
     """Hide `$MTEB_STEER_EMBEDDING_CACHE` so an encoder built inside encodes cold."""
-    from mteb_steer.encoder import CACHE_ENV
-
     saved = os.environ.pop(CACHE_ENV, None)
     try:
         yield
@@ -804,8 +804,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-folder", default=None, help="where results/ lives (default: current dir)")
     parser.add_argument("--benchmarks-md", default=None, help="file to write the section into (default: "
                         "<output-folder>/BENCHMARKS.md)")
-    default_cache = os.environ.get("MTEB_STEER_EMBEDDING_CACHE", str(Path.home() / ".cache/mteb_steer/embeddings"))
-    parser.add_argument("--embedding-cache", default=default_cache,
+    parser.add_argument("--embedding-cache", default=default_embedding_cache(),
                         help="base-embedding cache for quality cells (timing runs never use it)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=32)

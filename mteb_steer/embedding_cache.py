@@ -13,6 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+CACHE_ENV = "MTEB_STEER_EMBEDDING_CACHE"
+
+
+def default_embedding_cache() -> str:
+    """Where the benchmark and the evaluation scripts share base vectors: `$MTEB_STEER_EMBEDDING_CACHE`,
+    else `~/.cache/mteb_steer/embeddings` (keys cover model, prompt type and texts, so any run may share it)."""
+    return os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "mteb_steer" / "embeddings")
+
 
 class EmbeddingCache:
     """A folder of `.npy` files, one per (model, prompt type, text list)."""

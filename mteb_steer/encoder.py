@@ -17,7 +17,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
 
 from mteb_steer.backbone import Backbone, load_sentence_transformer, resolve_backbone
-from mteb_steer.embedding_cache import EmbeddingCache
+from mteb_steer.embedding_cache import CACHE_ENV, EmbeddingCache
 from mteb_steer.identity import steered_meta
 from mteb_steer.steps import QueryTransform
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "MTEB_STEER_EMBEDDING_CACHE"
 
 
 def passage_text(title: str | None, text: str | None) -> str:

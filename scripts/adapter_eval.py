@@ -33,6 +33,7 @@ from mteb.cache import ResultCache
 from mteb.types import PromptType
 
 from mteb_steer.beir import load_beir_split
+from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.adapter import (
@@ -45,7 +46,7 @@ from mteb_steer.steering.adapter import (
 )
 from mteb_steer.tasks import resolve_task
 
-CACHE = "/tmp/mteb_steer_embcache"
+CACHE = default_embedding_cache()
 GRID_LR = (1e-4, 3e-4, 1e-3)
 GRID_RANK = (None, 16, 64)
 TASKS = {"scifact": ("SciFact", "scifact"), "arguana": ("ArguAna", "arguana")}

@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mteb
 
+from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder
 from mteb_steer.results import evaluate_tasks, read_fits
 from mteb_steer.search import SteerSearch
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="ArguAna", help="MTEB task name or BEIR folder (default ArguAna)")
     parser.add_argument("--bank", required=True, help="query bank: JSONL(.gz) file or generated-queries folder")
     parser.add_argument("--data-root", default="/work/shared/datasets")
-    parser.add_argument("--cache-dir", default="/tmp/mteb_steer_embcache", help="base-embedding cache")
+    parser.add_argument("--cache-dir", default=default_embedding_cache(), help="base-embedding cache")
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="fusion settings (see module doc)")
     parser.add_argument("--explore", action="store_true", help="run the exploration settings (weighting, "
                         "Doc2Query-- filter, multi-vector max) instead of the default sweep")

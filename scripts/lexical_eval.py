@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mteb
 
+from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.banks import QueryBank, load_bank
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="/work/shared/datasets")
     parser.add_argument("--bank", help="query bank (JSONL or BEIR genq folder) for document expansion")
     parser.add_argument("--index-dir", default=str(Path(tempfile.gettempdir()) / "mteb_steer_lexical_indexes"))
-    parser.add_argument("--cache-dir", default="/tmp/mteb_steer_embcache")
+    parser.add_argument("--cache-dir", default=default_embedding_cache(), help="base-embedding cache")
     parser.add_argument("--costs", action="store_true", help="also time a fresh index build")
     args = parser.parse_args()
     bank = load_bank(args.bank) if args.bank else None

@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import mteb
 import torch
 
+from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.refine import TestTimeRefinement
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--n-random", type=int, default=0)
     parser.add_argument("--proximity", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
-    parser.add_argument("--cache-dir", default="/tmp/mteb_steer_embcache")
+    parser.add_argument("--cache-dir", default=default_embedding_cache(), help="base-embedding cache")
     parser.add_argument("--lexical-index-dir", default="/tmp/mteb_steer_lexical")
     parser.add_argument("--baseline", action="store_true", help="also evaluate the plain model")
     parser.add_argument("--out", required=True)

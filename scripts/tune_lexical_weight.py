@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lexical_eval import evaluate_settings, markdown_table  # noqa: E402
 
+from mteb_steer.embedding_cache import default_embedding_cache  # noqa: E402
 from mteb_steer.encoder import SteerEncoder  # noqa: E402
 from mteb_steer.steering.lexical import FUSION_MODES  # noqa: E402
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", type=float, default=WEIGHTS)
     parser.add_argument("--fusions", nargs="+", default=list(FUSION_MODES), choices=FUSION_MODES)
     parser.add_argument("--index-dir", default=str(Path(tempfile.gettempdir()) / "mteb_steer_lexical_indexes"))
-    parser.add_argument("--cache-dir", default="/tmp/mteb_steer_embcache")
+    parser.add_argument("--cache-dir", default=default_embedding_cache(), help="base-embedding cache")
     args = parser.parse_args()
     settings = ["dense", "bm25"] + [f"{f}:{w:g}" for f in args.fusions for w in args.weights]
     rows = evaluate_settings(args.task, settings, args.data_root, None, Path(args.index_dir),

@@ -149,3 +149,15 @@ def test_one_real_cell_end_to_end_then_read_back(tmp_path, scifact_slice, encode
     assert benchmark.main([*argv, "--only", "minilm/plain/SciFact"]) == 0
     assert (tmp_path / "results/benchmark/costs.json").read_text() == costs  # read back, not re-measured
     assert f"| minilm | plain | none | {ndcg:.4f} |" in md.read_text()
+
+
+def test_embedding_cache_default_is_one_rule(monkeypatch, tmp_path):
+    """The benchmark and the evaluation scripts share base vectors through one default folder."""
+    from mteb_steer.embedding_cache import CACHE_ENV, default_embedding_cache
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "shared"))
+    assert default_embedding_cache() == str(tmp_path / "shared")
+    assert benchmark.parse_args([]).embedding_cache == str(tmp_path / "shared")
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_embedding_cache() == str(tmp_path / "home" / ".cache" / "mteb_steer" / "embeddings")
