@@ -403,11 +403,13 @@ class Bench:
         texts = dataset_passage_texts(corpus) if cache else []
 
         def cached(name: str) -> bool:  # the quality run would read this corpus's vectors from the cache
+            if cache is None:  # checked first: resolving the model may join its weights on disk
+                return False
             try:
                 meta = resolve_backbone(name).meta
             except ImportError:  # not installed: the cell fails later with the install hint
                 return False
-            return cache is not None and cache.has(SteerEncoder.cache_key(meta, "document", texts))
+            return cache.has(SteerEncoder.cache_key(meta, "document", texts))
 
         for name in slow:
             if cached(name):
