@@ -42,6 +42,10 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-mode", choices=["completion", "chat"], default="completion",
                         help="completion (2-shot prompt, base models) or chat (instruction-tuned models)")
     parser.add_argument("--num-queries", type=int, default=3, help="generated queries per passage")
+    parser.add_argument("--query-style", default="task",
+                        help="what generated queries should look like: 'task' (the task's own mteb metadata "
+                             "prompt; default), 'generic' (plain search questions, the prompt of earlier banks), "
+                             "or your own one-line description (e.g. for a BEIR folder)")
     parser.add_argument("--cache-dir", default=None,
                         help="LLM cache folder (default $MTEB_STEER_LLM_CACHE or ~/.cache/mteb_steer/llm)")
 
@@ -86,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     lexical.add_argument("--no-lexical-expand", action="store_true",
                          help="do not append a passage's generated queries to its BM25 text")
     lexical.add_argument("--lexical-index-dir", default=None, help="save/reuse BM25 indexes here")
+    ev.add_argument("--self-tune", action="store_true",
+                    help="choose BM25 k1/b, the lexical weight and the fusion strength per corpus from held-out "
+                         "pseudo-queries (generated queries of --query-bank, else sentences cut from passages); "
+                         "no label is read; choices go to steer_fit.json")
 
     gen = sub.add_parser("generate", help="generate queries for a corpus into the cache; optionally export a bank")
     gen.add_argument("-t", "--task", required=True, help="task name or BEIR folder whose corpus to use")
@@ -135,10 +143,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
         query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
         llm_model=args.llm_model, llm_mode=args.llm_mode, num_queries=args.num_queries, llm_cache_dir=args.cache_dir,
-        adapter=args.adapter, refine_teacher=args.refine_teacher, refine_top_k=args.refine_top_k,
+        query_style=args.query_style, adapter=args.adapter, refine_teacher=args.refine_teacher, refine_top_k=args.refine_top_k,
         refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,
         lexical_weight=args.lexical_weight, lexical_fusion=args.lexical_fusion,
-        lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir)
+        lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir,
+        self_tune=args.self_tune)
     encoder = build_encoder(config)
     output = args.output_folder or default_output_folder()
     scores = []
@@ -148,8 +157,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         scores += evaluate_tasks(model, [task], output, overwrite=args.overwrite, batch_size=args.batch_size)
         folder = result_dir(output, model)
         for tag, fit in read_fits(folder).get(task.metadata.name, {}).items():
-            print(f"{tag}: auto chose {fit['parameter']}={fit['chosen']:g} on {task.metadata.name} "
-                  f"(held-out generated-query MRR@10, rule {fit['rule']}; {STEER_FIT_FILE})", file=sys.stderr)
+            bm25 = f" with BM25 k1={fit['bm25']['k1']:g} b={fit['bm25']['b']:g}" if "bm25" in fit else ""
+            print(f"{tag}: auto chose {fit['parameter']}={fit['chosen']:g}{bm25} on {task.metadata.name} "
+                  f"(label-free, rule {fit['rule']}; {STEER_FIT_FILE})", file=sys.stderr)
         print(f"results: {folder}", file=sys.stderr)
     print(format_table(scores))
     return 0
@@ -160,6 +170,7 @@ def _generate(args: argparse.Namespace) -> int:
     from mteb_steer.encoder import passage_text
     from mteb_steer.pipeline import SteerConfig, _gen_config
     from mteb_steer.steering.generation import export_bank, generate
+    from mteb_steer.steering.query_style import resolve_query_style
     from mteb_steer.tasks import resolve_task
 
     task = resolve_task(args.task, args.data_root)
@@ -170,7 +181,7 @@ def _generate(args: argparse.Namespace) -> int:
     passages = [(str(r["_id"]), passage_text(r.get("title"), r.get("text"))) for r in rows]
     config = SteerConfig(llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_mode=args.llm_mode,
                          num_queries=args.num_queries, llm_cache_dir=args.cache_dir)
-    gen_config = _gen_config(config)
+    gen_config = _gen_config(config, query_style=resolve_query_style(args.query_style, task))
     if not args.no_generate:
         report = generate(passages, gen_config, config.llm_cache(), base_url=args.llm_base_url)
         print(report.summary())

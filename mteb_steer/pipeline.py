@@ -33,6 +33,7 @@ class SteerConfig:
     llm_mode: str = "completion"
     num_queries: int = 3
     llm_cache_dir: str | None = None
+    query_style: str | None = "task"  # issue 14: "task" (the task's metadata), "generic", or the user's style
     # query adapter (issue 4)
     adapter: str | None = None  # folder written by train-adapter
     # test-time refinement (issue 4)
@@ -47,6 +48,8 @@ class SteerConfig:
     lexical_fusion: str | None = None  # None: the default chosen on TREC-DL
     lexical_expand: bool = True
     lexical_index_dir: str | None = None
+    # self-tuning per corpus (issue 14): BM25 (k1, b), lexical weight, fusion strength from pseudo-queries
+    self_tune: bool = False
 
     def llm_cache(self) -> Path:
         return Path(self.llm_cache_dir or os.environ.get("MTEB_STEER_LLM_CACHE")
@@ -77,11 +80,17 @@ def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: 
     Pass `encoder` to reuse one already loaded with the same base model and adapter.
     """
     encoder = encoder or build_encoder(config)
-    bank = None
+    bank = held_out = None
     if config.query_bank:
         from mteb_steer.steering.banks import load_bank
 
         bank = load_bank(config.query_bank)
+    if config.self_tune:
+        _check_self_tune(config)
+        if bank is not None:  # the held-out queries tune; fusion and expansion never see them
+            from mteb_steer.steering.self_tune import split_bank
+
+            bank, held_out = split_bank(bank)
     corpus_steps, query_steps, score_fusion = [], [], None
     if config.fusion:
         if bank is not None:
@@ -92,7 +101,10 @@ def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: 
         else:
             from mteb_steer.steering.generated_fusion import GeneratedQueryFusion
 
-            corpus_steps.append(GeneratedQueryFusion(_gen_config(config), config.llm_cache(),
+            from mteb_steer.steering.query_style import resolve_query_style
+
+            gen_config = _gen_config(config, query_style=resolve_query_style(config.query_style, task))
+            corpus_steps.append(GeneratedQueryFusion(gen_config, config.llm_cache(),
                                                      base_url=config.llm_base_url, method=config.fusion,
                                                      strength=config.fusion_param))
     if config.hyde:
@@ -122,10 +134,28 @@ def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: 
         if config.lexical != "bm25":
             raise ValueError(f"unknown lexical method {config.lexical!r}; only 'bm25' is available")
         from mteb_steer.steering.lexical import LexicalHybrid
+        from mteb_steer.steering.self_tune import SelfTunedHybrid
 
-        score_fusion = LexicalHybrid(config.lexical_weight, config.lexical_fusion, bank=bank,
-                                     expand=config.lexical_expand, index_dir=config.lexical_index_dir)
+        if config.self_tune:
+            score_fusion = SelfTunedHybrid(encoder, fusion=config.lexical_fusion, held_out=held_out, bank=bank,
+                                           expand=config.lexical_expand, index_dir=config.lexical_index_dir)
+        else:
+            score_fusion = LexicalHybrid(config.lexical_weight, config.lexical_fusion, bank=bank,
+                                         expand=config.lexical_expand, index_dir=config.lexical_index_dir)
     return SteerSearch(encoder, corpus_steps=corpus_steps, query_steps=query_steps, score_fusion=score_fusion)
+
+
+def _check_self_tune(config: SteerConfig) -> None:
+    """`--self-tune` chooses what it tunes itself: a fixed value for it, or nothing to tune, is an error."""
+    if not (config.lexical or config.fusion):
+        raise ValueError("--self-tune tunes the lexical hybrid and corpus fusion: give --lexical bm25 and/or --fusion")
+    if config.lexical_weight is not None:
+        raise ValueError("--self-tune chooses the lexical weight itself; drop --lexical-weight")
+    if config.fusion and config.fusion_param != "auto":
+        raise ValueError("--self-tune chooses the fusion strength itself; drop --alpha/--beta/--gamma")
+    if config.fusion and not config.query_bank:
+        raise ValueError("--self-tune with --fusion needs a --query-bank (pseudo-queries are held out of the "
+                         "bank; make one with `mteb-steer generate --export`)")
 
 
 def default_output_folder() -> Path:

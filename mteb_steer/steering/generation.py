@@ -37,6 +37,7 @@ from mteb_steer.identity import stable_hash
 from mteb_steer.steering.banks import QueryBank, load_bank, save_bank
 from mteb_steer.steering.llm_cache import CacheEntry, QueryCache
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
+from mteb_steer.steering.query_style import clean_style, style_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +100,18 @@ CHAT_USER_V1 = (
 )
 
 
-def few_shot_prompt(n: int) -> str:
-    """The built-in 2-shot completion template for N queries; `{passage}` marks where the passage goes."""
+def few_shot_prompt(n: int, query_style: str | None = None) -> str:
+    """The built-in 2-shot completion template for N queries; `{passage}` marks where the passage goes.
+
+    With `query_style`, the header states the task's query style (query_style.style_instruction).
+    """
+    header = _COMPLETION_HEADER if query_style is None else (
+        _COMPLETION_HEADER.rstrip("\n") + " " + style_instruction(query_style) + "\n\n")
     shots = [
         f"Passage: {text}\n{_QUERIES_LINE}\n" + "\n".join(f"{i}. {q}" for i, q in enumerate(queries[:n], 1)) + "\n"
         for text, queries in _FEW_SHOT
     ]
-    return _COMPLETION_HEADER + "\n".join(shots) + f"\nPassage: {{passage}}\n{_QUERIES_LINE}\n1."
+    return header + "\n".join(shots) + f"\nPassage: {{passage}}\n{_QUERIES_LINE}\n1."
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -125,6 +131,8 @@ class GenConfig:
     max_tokens: answer budget; None = 32 tokens per query.
     max_passage_tokens: longer passages are cut (estimate: CHARS_PER_TOKEN chars a token).
     require_overlap: drop queries sharing no content word with their passage (generic or copied ones).
+    query_style: what the task's queries look like (query_style.py), stated in the built-in prompts;
+        None = the generic question-style prompt.
     """
 
     model: str | None = None
@@ -138,6 +146,7 @@ class GenConfig:
     prompt_version: str = PROMPT_VERSION
     max_passage_tokens: int = 768
     require_overlap: bool = True
+    query_style: str | None = None
     concurrency: int = 4
     timeout: float = 120.0
     retries: int = 3
@@ -165,6 +174,8 @@ class GenConfig:
             problems.append(f"max_passage_tokens must be >= 16, got {self.max_passage_tokens}")
         if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
             problems.append("need concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0")
+        if self.query_style is not None and clean_style(self.query_style) != self.query_style:
+            problems.append(f"query_style must be one non-empty line (query_style.clean_style), got {self.query_style!r}")
         if problems:
             raise ValueError("invalid generation config: " + "; ".join(problems))
 
@@ -181,8 +192,10 @@ class GenConfig:
         if self.prompt is not None:
             return "", self.prompt.replace("{n}", n)
         if self.mode == "completion":
-            return "", few_shot_prompt(self.num_queries)
-        return CHAT_SYSTEM, CHAT_USER_V1.replace("{n}", n)
+            return "", few_shot_prompt(self.num_queries, self.query_style)
+        user = CHAT_USER_V1 if self.query_style is None else CHAT_USER_V1.replace(
+            "\n\nPassage:", " " + style_instruction(self.query_style) + "\n\nPassage:")
+        return CHAT_SYSTEM, user.replace("{n}", n)
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: the cache key's generator part and the bank's provenance. No secrets."""
@@ -194,6 +207,8 @@ class GenConfig:
             "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.answer_tokens,
             "seed": self.seed, "max_passage_tokens": self.max_passage_tokens,
             "require_overlap": self.require_overlap,
+            # only when set, so the cache keys of banks generated before styles stay valid
+            **({"query_style": self.query_style} if self.query_style is not None else {}),
         }
 
 

@@ -1,0 +1,187 @@
+"""Does the label-free self-tuning criterion rank settings the way real nDCG@10 does? (issue 14)
+
+For each task, every grid setting is scored twice: by the self-tuning criterion (pseudo-query
+nDCG@10, `mteb_steer.steering.self_tune`, no label) and by real nDCG@10 of the task's eval
+split(s) (pytrec_eval, the qrels read ONLY here, after the criterion is computed, for the report).
+Reported per grid: Spearman and Kendall rank correlation between the two, and the real nDCG@10
+of the setting the rule picks against the best, the worst and the fixed reference setting.
+
+Grids: BM25 (k1, b) with BM25 alone; then, with --dense, the lexical weight of the hybrid at the
+(k1, b) the rule picked (needs the corpus embeddings; cached after the first encode). With
+`--bank TASK=PATH` that task is also run with held-out generated queries as pseudo-queries and the
+bank (minus them) as BM25 expansion, as `evaluate --query-bank PATH --lexical bm25 --self-tune` runs.
+
+    HF_HUB_OFFLINE=1 python scripts/self_tune_agreement.py --tasks SciFact ArguAna TRECDLPool \\
+        --dense SciFact ArguAna --bank ArguAna=/work/shared/datasets/arguana-genq \\
+        --out results/benchmark/self_tune_agreement.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytrec_eval  # noqa: E402
+import torch  # noqa: E402
+from mteb.types import PromptType  # noqa: E402
+from scipy.stats import kendalltau, spearmanr  # noqa: E402
+
+from mteb_steer.embedding_cache import default_embedding_cache  # noqa: E402
+from mteb_steer.encoder import SteerEncoder, dataset_passage_texts  # noqa: E402
+from mteb_steer.steering.banks import load_bank  # noqa: E402
+from mteb_steer.steering.lexical import DEFAULT_FUSION, BM25Params, LexicalHybrid, LexicalIndex  # noqa: E402
+from mteb_steer.steering.self_tune import (  # noqa: E402
+    SAMPLE_SIZE,
+    SEED,
+    WEIGHT_GRID,
+    Probes,
+    bank_probes,
+    bm25_grid,
+    cut_sentence_probes,
+    split_bank,
+    tune_bm25,
+    tune_weight,
+)
+from mteb_steer.steps import CorpusIndex, QueryBatch  # noqa: E402
+from mteb_steer.tasks import resolve_task  # noqa: E402
+
+QUERY_CHUNK = 256
+
+
+def real_ndcg10(score_chunks, query_ids: list[str], doc_ids: list[str], qrels: dict[str, dict[str, int]],
+                ignore_identical_ids: bool) -> float:
+    """Mean nDCG@10 (pytrec_eval) of the top 11 per query from (row offset, score tensor) chunks."""
+    run: dict[str, dict[str, float]] = {}
+    for start, scores in score_chunks:
+        values, idx = torch.topk(scores, min(11, scores.shape[1]), dim=1)
+        for q in range(scores.shape[0]):
+            qid = query_ids[start + q]
+            docs = {doc_ids[i]: float(v) for i, v in zip(idx[q].tolist(), values[q].tolist(), strict=True)}
+            if ignore_identical_ids:
+                docs.pop(qid, None)
+            run[qid] = dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10])
+    judged = {q: {d: int(s) for d, s in docs.items()} for q, docs in qrels.items() if q in run}
+    per_query = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10"}).evaluate({q: run[q] for q in judged})
+    return float(np.mean([v["ndcg_cut_10"] for v in per_query.values()]))
+
+
+def agreement(criterion: list[float], real: list[float], chosen: int, reference: int) -> dict[str, Any]:
+    rho = spearmanr(criterion, real).statistic
+    tau = kendalltau(criterion, real).statistic
+    return {"spearman": float(rho), "kendall": float(tau), "chosen_real": real[chosen],
+            "best_real": max(real), "worst_real": min(real), "reference_real": real[reference],
+            "criterion_argmax_real": real[int(np.argmax(criterion))]}
+
+
+def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, encoder: SteerEncoder | None,
+             sample_size: int, seed: int) -> dict[str, Any]:
+    task = resolve_task(name, data_root)
+    task.load_data()
+    first = task.dataset["default"][task.eval_splits[0]]
+    ids = [str(i) for i in first["corpus"]["id"]]
+    texts = dataset_passage_texts(first["corpus"])
+    bank = held = None
+    if bank_path:
+        bank, held = split_bank(load_bank(bank_path), sample_size, seed)
+    doc_vectors = encoder.embed(texts, PromptType.document, show_progress_bar=True) if dense else None
+    index = CorpusIndex(ids=ids, texts=texts, embeddings=doc_vectors if dense else np.zeros((len(ids), 1)),
+                        task_name=name)
+    probes: Probes = bank_probes(held, index) if held is not None else cut_sentence_probes(texts, sample_size, seed)
+    tuning_texts = probes.tuning_texts if probes.tuning_texts is not None else texts
+    out: dict[str, Any] = {"task": name, "passages": len(ids), "pseudo_queries": len(probes.texts),
+                           "source": probes.source, "bank": bank_path, "sample_size": sample_size, "seed": seed}
+
+    # 1. label-free criterion (no qrels touched yet)
+    started = time.perf_counter()
+    grid = bm25_grid()
+    bm25_choice, _ = tune_bm25(probes, ids, tuning_texts, bank, grid)
+    out["bm25_tune_s"] = round(time.perf_counter() - started, 1)
+    chosen_params = BM25Params(k1=bm25_choice.chosen[0], b=bm25_choice.chosen[1])
+    weight_choice = None
+    if dense:
+        lexical = LexicalIndex.build(ids, tuning_texts, chosen_params, bank)
+        tuned_docs = doc_vectors.copy()
+        if probes.cut_rows is not None:
+            tuned_docs[probes.cut_rows] = encoder.embed([tuning_texts[r] for r in probes.cut_rows], PromptType.document)
+        weight_choice, _ = tune_weight(probes, lexical, encoder.embed(probes.texts, PromptType.query), tuned_docs,
+                                       encoder, list(WEIGHT_GRID), DEFAULT_FUSION)
+
+    # 2. real nDCG@10 per setting (labels read here, for the report only)
+    splits = {s: task.dataset["default"][s] for s in task.eval_splits}
+    ignore = bool(getattr(task, "ignore_identical_ids", False))
+
+    def mean_over_splits(score_fn) -> float:
+        values = []
+        for split in splits.values():
+            qids = [str(i) for i in split["queries"]["id"]]
+            qtexts = list(split["queries"]["text"])
+            chunks = ((s, score_fn(qtexts[s:s + QUERY_CHUNK], s)) for s in range(0, len(qtexts), QUERY_CHUNK))
+            values.append(real_ndcg10(chunks, qids, ids, split["relevant_docs"], ignore))
+        return float(np.mean(values))
+
+    real_bm25 = []
+    for params in grid:
+        real_index = LexicalIndex.build(ids, texts, params, bank)
+        real_bm25.append(mean_over_splits(lambda q, _s, ix=real_index: torch.from_numpy(ix.scores(q))))
+    ref = bm25_choice.grid.index(bm25_choice.reference)
+    out["bm25"] = {**bm25_choice.__dict__, "real_ndcg10": real_bm25,
+                   **agreement(bm25_choice.scores, real_bm25, bm25_choice.grid.index(bm25_choice.chosen), ref)}
+    if weight_choice is not None:
+        real_weight = []
+        query_cache: dict[int, np.ndarray] = {}
+        for w in WEIGHT_GRID:
+            hybrid = LexicalHybrid(w, DEFAULT_FUSION, params=chosen_params, bank=bank)
+            hybrid.fit(index)
+
+            def fused(q, s, h=hybrid):
+                vectors = query_cache.setdefault(id(q[0]) ^ s, encoder.embed(q, PromptType.query))
+                dense_scores = torch.as_tensor(encoder.similarity(vectors, doc_vectors))
+                return h.fuse(QueryBatch(ids=[str(i) for i in range(len(q))], texts=q, embeddings=vectors),
+                              dense_scores, index)
+            real_weight.append(mean_over_splits(fused))
+        ref = weight_choice.grid.index(weight_choice.reference)
+        out["weight"] = {**weight_choice.__dict__, "bm25_params": [chosen_params.k1, chosen_params.b],
+                         "real_ndcg10": real_weight,
+                         **agreement(weight_choice.scores, real_weight, weight_choice.grid.index(weight_choice.chosen),
+                                     ref)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["SciFact", "ArguAna", "TRECDLPool"])
+    parser.add_argument("--dense", nargs="*", default=[], help="tasks whose hybrid weight grid is also checked")
+    parser.add_argument("--bank", action="append", default=[], metavar="TASK=PATH",
+                        help="also run TASK with held-out generated queries of this bank")
+    parser.add_argument("--data-root", default=os.environ.get("MTEB_STEER_DATA_ROOT", "/work/shared/datasets"))
+    parser.add_argument("--sample-size", type=int, default=SAMPLE_SIZE)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    banks = dict(item.split("=", 1) for item in args.bank)
+    encoder = SteerEncoder(cache_dir=default_embedding_cache()) if args.dense else None
+    rows = []
+    for name in args.tasks:
+        for bank_path in [None, *([banks[name]] if name in banks else [])]:
+            row = run_task(name, args.data_root, bank_path, name in args.dense, encoder, args.sample_size, args.seed)
+            rows.append(row)
+            for grid in ("bm25", "weight"):
+                if grid in row:
+                    g = row[grid]
+                    print(f"{name} [{row['source']}] {grid}: spearman {g['spearman']:.3f} kendall {g['kendall']:.3f} "
+                          f"chosen {g['chosen']} real {g['chosen_real']:.4f} (best {g['best_real']:.4f}, worst "
+                          f"{g['worst_real']:.4f}, reference {g['reference_real']:.4f})", flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"command": "scripts/self_tune_agreement.py", "args": vars(args),
+                                                  "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Issue 14: task-styled generation prompts and per-corpus self-tuning from pseudo-queries.
+
+Style: it reaches both prompts and the cache key. Self-tuning: it never reads qrels, files its
+choices in steer_fit.json, keeps held-out generated queries out of fusion and expansion, cuts
+pseudo-queries out of the tuning text, and its rule keeps the reference unless beaten by > 1 SE.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import mteb
+import numpy as np
+import pytest
+
+from mteb_steer.pipeline import SteerConfig, build_model
+from mteb_steer.results import STEER_FIT_FILE, evaluate_tasks, read_fits, result_dir
+from mteb_steer.steering.banks import load_bank
+from mteb_steer.steering.fusion import QueryFusion
+from mteb_steer.steering.generation import GenConfig
+from mteb_steer.steering.lexical import expand_with_bank
+from mteb_steer.steering.llm_cache import CacheEntry, QueryCache
+from mteb_steer.steering.query_style import resolve_query_style, task_query_style
+from mteb_steer.steering.self_tune import (
+    SelfTunedHybrid,
+    choose,
+    cut_sentence_probes,
+    ndcg_at_10,
+    split_bank,
+)
+from mteb_steer.tasks import BeirFolderTask
+
+SCIFACT_STYLE = "Given a scientific claim, retrieve documents that support or refute the claim"
+
+
+# -- task-styled generation --------------------------------------------------------------------------
+
+def test_task_style_comes_from_mteb_metadata_and_user_strings_override():
+    assert task_query_style(mteb.get_task("SciFact")) == SCIFACT_STYLE
+    assert resolve_query_style("task", mteb.get_task("ArguAna")) == "Given a claim, find documents that refute the claim"
+    assert resolve_query_style("task", BeirFolderTask.__new__(BeirFolderTask)) is None  # a folder states none
+    assert resolve_query_style("  Find the  counter-argument ", None) == "Find the counter-argument"
+    assert resolve_query_style("generic", mteb.get_task("SciFact")) is None
+    with pytest.raises(ValueError, match="at most"):
+        resolve_query_style("x" * 400, None)
+
+
+@pytest.mark.parametrize("mode", ["completion", "chat"])
+def test_style_reaches_the_prompt_and_the_cache_key(tmp_path, mode):
+    plain = GenConfig(model="m", mode=mode)
+    styled = GenConfig(model="m", mode=mode, query_style=SCIFACT_STYLE)
+    assert SCIFACT_STYLE not in "".join(plain.template())
+    assert SCIFACT_STYLE in "".join(styled.template())
+    assert "{passage}" in styled.template()[1]
+    assert "query_style" not in plain.identity()  # banks generated before styles keep their cache keys
+    assert styled.identity()["query_style"] == SCIFACT_STYLE
+    with QueryCache(tmp_path) as cache:
+        cache.put(plain.identity(), "a passage", CacheEntry(queries=["a question"], raw="1. a question"))
+        assert cache.get(plain.identity(), "a passage") is not None
+        assert cache.get(styled.identity(), "a passage") is None  # another style is another generation
+    with pytest.raises(ValueError, match="query_style"):
+        GenConfig(model="m", query_style="two\nlines")
+
+
+def test_generated_fusion_identity_carries_the_task_style(tmp_path, encoder):
+    def revision(style: str) -> str:
+        config = SteerConfig(fusion="mean", llm_cache_dir=str(tmp_path), query_style=style)
+        return build_model(config, encoder=encoder, task=mteb.get_task("SciFact")).mteb_model_meta.revision
+
+    assert revision("task") != revision("generic") != revision("Find claims")
+
+
+# -- self-tuning ------------------------------------------------------------------------------------
+
+class _RaisingQrels(Mapping):
+    """Qrels that fail on any access: self-tuning must never look at them."""
+
+    def _fail(self, *args, **kwargs):
+        raise AssertionError("self-tuning read the qrels")
+
+    __getitem__ = __iter__ = __len__ = __contains__ = keys = items = values = get = _fail
+
+
+def _index_and_search(model, task, split="test"):
+    data = task.dataset["default"][split]
+    kwargs = {"task_metadata": task.metadata, "hf_split": split, "hf_subset": "default",
+              "encode_kwargs": {"batch_size": 32}}
+    model.index(data["corpus"], **kwargs)
+    return model.search(data["queries"], top_k=10, **kwargs)
+
+
+def test_self_tune_never_reads_qrels(scifact_slice, encoder):
+    task = BeirFolderTask(scifact_slice)
+    task.load_data()
+    task.dataset["default"]["test"]["relevant_docs"] = _RaisingQrels()
+    model = build_model(SteerConfig(lexical="bm25", self_tune=True), encoder=encoder, task=task)
+    results = _index_and_search(model, task)
+    assert len(results) == 40 and all(len(docs) == 10 for docs in results.values())
+    assert model.fit_reports[task.metadata.name]  # it did tune, from the corpus alone
+
+
+def test_steer_fit_json_carries_every_choice(scifact_slice, encoder, tmp_path):
+    task = BeirFolderTask(scifact_slice)
+    model = build_model(SteerConfig(lexical="bm25", self_tune=True), encoder=encoder, task=task)
+    evaluate_tasks(model, [task], tmp_path)
+    fit = read_fits(result_dir(tmp_path, model))[task.metadata.name][model.score_fusion.tag]
+    bm25, weight = fit["choices"]
+    assert bm25["chosen"] in bm25["grid"] and [0.9, 0.4] in bm25["grid"]
+    assert len(bm25["scores"]) == len(bm25["grid"]) == len(bm25["paired_se"]) == 16
+    assert weight["chosen"] == fit["chosen"] == model.score_fusion.weight and fit["chosen"] in weight["grid"]
+    assert [model.score_fusion.params.k1, model.score_fusion.params.b] == bm25["chosen"]
+    assert fit["bm25"] == {"k1": bm25["chosen"][0], "b": bm25["chosen"][1]}
+    assert bm25["pseudo_queries"] > 100 and bm25["source"] == "passage sentence"
+    assert json.loads((result_dir(tmp_path, model) / STEER_FIT_FILE).read_text())
+
+
+def test_held_out_queries_are_excluded_from_fusion_and_expansion(data_root, encoder):
+    bank = load_bank(data_root / "arguana-genq")
+    kept, held = split_bank(bank, sample_size=50, seed=3)
+    assert len(held) == 50 and split_bank(bank, sample_size=50, seed=3)[1] == held  # seeded
+    for doc_id, query in held.items():
+        assert query not in kept[doc_id] and len(kept[doc_id]) == len(bank[doc_id]) - 1
+    config = SteerConfig(query_bank=str(data_root / "arguana-genq"), fusion="mean", lexical="bm25", self_tune=True)
+    model = build_model(config, encoder=encoder)
+    fusion, hybrid = model.corpus_steps[0], model.score_fusion
+    assert isinstance(fusion, QueryFusion) and isinstance(hybrid, SelfTunedHybrid)
+    assert fusion.bank is hybrid.bank and hybrid.held_out
+    ids = sorted(hybrid.held_out)[:20]
+    expanded, _ = expand_with_bank(ids, ["passage"] * len(ids), hybrid.bank)
+    for doc_id, text in zip(ids, expanded, strict=True):
+        assert hybrid.held_out[doc_id] not in text
+        assert hybrid.held_out[doc_id] not in fusion.bank[doc_id]
+
+
+def test_sentence_pseudo_queries_are_cut_from_the_tuning_text(scifact_slice):
+    from mteb_steer.beir import load_beir_split
+    from mteb_steer.encoder import passage_text
+
+    texts = [passage_text(r["title"], r["text"]) for r in load_beir_split(scifact_slice, "test").corpus]
+    probes = cut_sentence_probes(texts, sample_size=100, seed=0)
+    assert len(probes.texts) == 100 and probes.tuning_texts is not None
+    for query, row in zip(probes.texts, probes.rows, strict=True):
+        assert query in texts[row] and query not in probes.tuning_texts[row]
+    untouched = np.setdiff1d(np.arange(len(texts)), probes.rows)
+    assert all(probes.tuning_texts[r] == texts[r] for r in untouched)
+    assert cut_sentence_probes(texts, 100, 0).texts == probes.texts
+
+
+def test_rule_keeps_the_reference_unless_clearly_beaten():
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    noisy = np.stack([base, base + rng.normal(0, 0.05, 400) + 0.002, base - 0.1])  # tiny, noisy gain
+    assert choose([0, 1, 2], noisy, reference_index=0, distance=[0, 1, 2])[0] == 0
+    clear = np.stack([base, base + 0.05, base + 0.02])
+    assert choose([0, 1, 2], clear, reference_index=0, distance=[0, 1, 2])[0] == 1
+    assert ndcg_at_10(np.array([0, 1, 9, 10])).tolist() == pytest.approx([1.0, 1 / np.log2(3), 1 / np.log2(11), 0.0])
+
+
+def test_self_tune_configuration_errors(encoder):
+    for config, message in ((SteerConfig(self_tune=True), "give --lexical"),
+                            (SteerConfig(lexical="bm25", lexical_weight=0.3, self_tune=True), "drop --lexical-weight"),
+                            (SteerConfig(fusion="mean", self_tune=True), "needs a --query-bank"),
+                            (SteerConfig(lexical="bm25", lexical_fusion="rrf", self_tune=True), "zscore or minmax")):
+        with pytest.raises(ValueError, match=message):
+            build_model(config, encoder=encoder)
