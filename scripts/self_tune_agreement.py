@@ -45,6 +45,7 @@ from mteb_steer.steering.self_tune import (  # noqa: E402
     bank_probes,
     bm25_grid,
     cut_sentence_probes,
+    grid_tokens,
     split_bank,
     tune_bm25,
     tune_weight,
@@ -117,31 +118,36 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
     splits = {s: task.dataset["default"][s] for s in task.eval_splits}
     ignore = bool(getattr(task, "ignore_identical_ids", False))
 
+    query_vectors = {name: encoder.embed(list(split["queries"]["text"]), PromptType.query)
+                     for name, split in splits.items()} if dense else {}
+
     def mean_over_splits(score_fn) -> float:
+        """Mean over eval splits of real nDCG@10; score_fn(texts, vectors or None) -> (n, n_docs) scores."""
         values = []
-        for split in splits.values():
+        for name, split in splits.items():
             qids = [str(i) for i in split["queries"]["id"]]
             qtexts = list(split["queries"]["text"])
-            chunks = ((s, score_fn(qtexts[s:s + QUERY_CHUNK], s)) for s in range(0, len(qtexts), QUERY_CHUNK))
+            vectors = query_vectors.get(name)
+            chunks = ((s, score_fn(qtexts[s:s + QUERY_CHUNK], None if vectors is None else vectors[s:s + QUERY_CHUNK]))
+                      for s in range(0, len(qtexts), QUERY_CHUNK))
             values.append(real_ndcg10(chunks, qids, ids, split["relevant_docs"], ignore))
         return float(np.mean(values))
 
     real_bm25 = []
+    tokens = grid_tokens(texts, ids, bank, grid)
     for params in grid:
-        real_index = LexicalIndex.build(ids, texts, params, bank)
-        real_bm25.append(mean_over_splits(lambda q, _s, ix=real_index: torch.from_numpy(ix.scores(q))))
+        real_index = LexicalIndex.build(ids, texts, params, bank, tokens=tokens)
+        real_bm25.append(mean_over_splits(lambda q, _v, ix=real_index: torch.from_numpy(ix.scores(q))))
     ref = bm25_choice.grid.index(bm25_choice.reference)
     out["bm25"] = {**bm25_choice.__dict__, "real_ndcg10": real_bm25,
                    **agreement(bm25_choice.scores, real_bm25, bm25_choice.grid.index(bm25_choice.chosen), ref)}
     if weight_choice is not None:
         real_weight = []
-        query_cache: dict[int, np.ndarray] = {}
         for w in WEIGHT_GRID:
             hybrid = LexicalHybrid(w, DEFAULT_FUSION, params=chosen_params, bank=bank)
             hybrid.fit(index)
 
-            def fused(q, s, h=hybrid):
-                vectors = query_cache.setdefault(id(q[0]) ^ s, encoder.embed(q, PromptType.query))
+            def fused(q, vectors, h=hybrid):
                 dense_scores = torch.as_tensor(encoder.similarity(vectors, doc_vectors))
                 return h.fuse(QueryBatch(ids=[str(i) for i in range(len(q))], texts=q, embeddings=vectors),
                               dense_scores, index)

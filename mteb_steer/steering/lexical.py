@@ -168,11 +168,12 @@ class LexicalIndex:
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def build(cls, ids: Sequence[str], texts: Sequence[str], params: BM25Params | None = None,
-              bank: QueryBank | None = None) -> LexicalIndex:
+              bank: QueryBank | None = None, tokens: list[list[str]] | None = None) -> LexicalIndex:
         """Index passages (expanded with their own bank queries when `bank` is given).
 
-        Passages without any index term get score 0 for every query (warned); a corpus with no
-        term at all raises.
+        `tokens`: the (expanded) texts already tokenised with `params`' stop words and stemmer
+        (`tokenize`), so a grid over k1 and b tokenises once. Passages without any index term get
+        score 0 for every query (warned); a corpus with no term at all raises.
         """
         params = params or BM25Params()
         ids, texts = [str(i) for i in ids], list(texts)
@@ -184,7 +185,10 @@ class LexicalIndex:
         n_expanded = 0
         if bank is not None:
             texts, n_expanded = expand_with_bank(ids, texts, bank)
-        tokens = tokenize(texts, params)
+        if tokens is None:
+            tokens = tokenize(texts, params)
+        elif len(tokens) != len(ids):
+            raise ValueError(f"{len(tokens)} token lists for {len(ids)} passages")
         empty = np.array([not t for t in tokens])
         if empty.all():
             raise ValueError(f"none of the {len(ids)} passages has an index term: nothing to index")
