@@ -160,6 +160,26 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
     return out
 
 
+def markdown(paths: list[str]) -> str:
+    """The BENCHMARKS.md table of committed agreement files (no number typed by hand)."""
+    def fmt(value):
+        return ", ".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+    lines = ["| data set | pseudo-queries | grid | Spearman | Kendall | rule's pick | real nDCG@10 of pick | best "
+             "| worst | fixed reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in (r for path in paths for r in json.loads(Path(path).read_text())["rows"]):
+        source = f"{row['source']} x{row['pseudo_queries']}" + (" (rest of bank expands BM25)" if row["bank"] else "")
+        for grid in ("bm25", "weight"):
+            if grid in row:
+                g = row[grid]
+                what = ("BM25 (k1, b), BM25 alone" if grid == "bm25" else
+                        f"lexical weight, hybrid at k1, b = {fmt(g['bm25_params'])}")
+                lines.append(f"| {row['task']} | {source} | {what} | {g['spearman']:.3f} | {g['kendall']:.3f} | "
+                             f"{fmt(g['chosen'])} | {g['chosen_real']:.4f} | {g['best_real']:.4f} | "
+                             f"{g['worst_real']:.4f} | {g['reference_real']:.4f} ({fmt(g['reference'])}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["SciFact", "ArguAna", "TRECDLPool"])
@@ -169,8 +189,14 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("MTEB_STEER_DATA_ROOT", "/work/shared/datasets"))
     parser.add_argument("--sample-size", type=int, default=SAMPLE_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="JSON output file")
+    parser.add_argument("--markdown", nargs="+", metavar="JSON", help="only print the table of these output files")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
+    if not args.out:
+        parser.error("--out is required")
     banks = dict(item.split("=", 1) for item in args.bank)
     encoder = SteerEncoder(cache_dir=default_embedding_cache()) if args.dense else None
     rows = []
