@@ -142,8 +142,10 @@ def test_sentence_pseudo_queries_are_cut_from_the_tuning_text(scifact_slice):
     assert len(probes.texts) == 100 and probes.tuning_texts is not None
     for query, row in zip(probes.texts, probes.rows, strict=True):
         assert query in texts[row] and query not in probes.tuning_texts[row]
-    untouched = np.setdiff1d(np.arange(len(texts)), probes.rows)
-    assert all(probes.tuning_texts[r] == texts[r] for r in untouched)
+    # every other passage with two sentences loses one too, so relevant passages are not the short ones
+    others = np.setdiff1d(np.arange(len(texts)), probes.rows)
+    assert all(len(probes.tuning_texts[r]) <= len(texts[r]) for r in others)
+    assert sum(probes.tuning_texts[r] != texts[r] for r in others) > len(others) // 2
     assert cut_sentence_probes(texts, 100, 0).texts == probes.texts
 
 

@@ -11,7 +11,9 @@ from pseudo-queries whose only relevant passage is known by construction:
   from the bank before fusion and lexical expansion see the bank;
 - **without a bank**: one sentence of each sampled passage (seeded, among passages with >= 2
   sentences) becomes the pseudo-query, and is removed from that passage's text in the tuning
-  indexes, dense and lexical (`cut_sentence_probes`); the real index keeps the full text.
+  indexes, dense and lexical (`cut_sentence_probes`; the BM25 tuning index loses one sentence of
+  every such passage, so relevant passages are not shorter than their competitors); the real index
+  keeps the full text.
 
 Pseudo-queries are easier than real ones (they share words with their passage). The rule corrects
 for it three ways: the pseudo-query is removed from what its passage is indexed with (above);
@@ -125,30 +127,33 @@ def sentences(text: str) -> list[str]:
 
 
 def cut_sentence_probes(texts: Sequence[str], sample_size: int = SAMPLE_SIZE, seed: int = SEED) -> Probes:
-    """One sentence (>= MIN_SENTENCE_WORDS words) of each of `sample_size` sampled passages with >= 2
-    sentences, as pseudo-query; `tuning_texts` hold those passages without that sentence."""
+    """Pseudo-queries cut from the passages: one sentence (>= MIN_SENTENCE_WORDS words) of each of
+    `sample_size` sampled passages with >= 2 sentences.
+
+    `tuning_texts` lose one such sentence in EVERY eligible passage (the pseudo-query, for the
+    sampled ones): cutting only the sampled passages would make exactly the relevant passages
+    shorter than their competitors, and BM25's length normalisation (b) would be rewarded for it.
+    `cut_rows` are the sampled rows (the dense side re-embeds only those).
+    """
     if sample_size < 1:
         raise ValueError(f"self-tune sample size must be >= 1, got {sample_size}")
     rng = np.random.default_rng(seed)
     tuning = list(texts)
-    probe_texts, rows = [], []
-    for row in rng.permutation(len(texts)):
-        parts = sentences(texts[row])
+    cut: dict[int, str] = {}
+    for row, text in enumerate(texts):
+        parts = sentences(text)
         usable = [i for i, s in enumerate(parts) if len(s.split()) >= MIN_SENTENCE_WORDS]
         if len(parts) < 2 or not usable:
             continue
         pick = usable[int(rng.integers(len(usable)))]
-        probe_texts.append(parts[pick])
+        cut[row] = parts[pick]
         tuning[row] = " ".join(parts[:pick] + parts[pick + 1:])
-        rows.append(int(row))
-        if len(rows) == sample_size:
-            break
-    if not rows:
+    if not cut:
         raise ValueError(f"self-tuning found no passage with two sentences of >= {MIN_SENTENCE_WORDS} words "
                          f"among {len(texts)} passages to cut pseudo-queries from; give a --query-bank")
-    order = np.argsort(rows)
-    return Probes([probe_texts[i] for i in order], np.array(rows, dtype=np.int64)[order], "passage sentence",
-                  tuning, np.array(sorted(rows), dtype=np.int64))
+    eligible = np.array(sorted(cut), dtype=np.int64)
+    rows = np.sort(rng.choice(eligible, size=min(sample_size, len(eligible)), replace=False))
+    return Probes([cut[int(r)] for r in rows], rows, "passage sentence", tuning, rows)
 
 
 # -- criterion and rule ----------------------------------------------------------------------------
