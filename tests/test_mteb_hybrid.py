@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -14,6 +15,7 @@ from tests.conftest import REPO, write_slice
 def compare():
     spec = importlib.util.spec_from_file_location("mteb_hybrid_compare", REPO / "scripts" / "mteb_hybrid_compare.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
