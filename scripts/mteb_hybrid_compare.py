@@ -11,6 +11,8 @@ base vectors from the shared embedding cache) and is a full `mteb.evaluate` file
 - `mteb-<fusion>-<lexical>`: `mteb.HybridSearch([lexical, dense], fusion_strategy=fusion)` with
   mteb's shipped settings (equal weights, rrf_k=60, sub-model top lists of max(top_k, 100) = 1000
   for mteb's retrieval tasks), fusion rrf | dbsf | rsf, lexical = bm25s | pkg-bm25.
+- `mteb-<fusion>-pkg-bm25-w0.2` (diagnostic): the same with the package's lexical weight 0.2 / dense 0.8
+  instead of equal weights, to separate the effect of the weight from that of the normalisation.
 - `pkg-default`: the package's default hybrid (`mteb-steer evaluate --lexical bm25`: z-score
   fusion over the whole corpus, lexical weight 0.2 chosen on the TREC-DL pool).
 
@@ -47,7 +49,7 @@ from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder
 from mteb_steer.identity import stable_hash
 from mteb_steer.search import SteerSearch
-from mteb_steer.steering.lexical import LexicalHybrid
+from mteb_steer.steering.lexical import DEFAULT_WEIGHT, LexicalHybrid
 from mteb_steer.tasks import resolve_task
 
 FUSIONS = ("rrf", "dbsf", "rsf")
@@ -84,10 +86,11 @@ def _sub_identity(model: Any) -> dict[str, Any]:
     return {"name": meta.name, "revision": meta.revision}
 
 
-def mteb_hybrid(lexical: Any, dense: Any, fusion: str) -> mteb.HybridSearch:
-    """mteb's HybridSearch exactly as mteb ships its hybrids ([bm25, dense], equal weights, defaults),
-    given a revision that hashes the whole configuration (mteb leaves it empty)."""
-    hybrid = mteb.HybridSearch(models=[lexical, dense], fusion_strategy=fusion)
+def mteb_hybrid(lexical: Any, dense: Any, fusion: str, lexical_weight: float | None = None) -> mteb.HybridSearch:
+    """mteb's HybridSearch as mteb ships its hybrids ([bm25, dense], defaults; equal weights unless
+    `lexical_weight` is given), with a revision that hashes the whole configuration (mteb leaves it empty)."""
+    weights = None if lexical_weight is None else [lexical_weight, 1.0 - lexical_weight]
+    hybrid = mteb.HybridSearch(models=[lexical, dense], weights=weights, fusion_strategy=fusion)
     config = {"hybrid": "mteb.HybridSearch", "mteb": mteb.__version__, "fusion": fusion,
               "weights": list(hybrid.weights), "rrf_k": hybrid.rrf_k, "sub_model_top_k": hybrid.sub_model_top_k,
               "models": [_sub_identity(m) for m in hybrid.wrapped_models]}
@@ -109,6 +112,13 @@ def build_cells(encoder: SteerEncoder, fusions: Sequence[str] = FUSIONS, lexical
             cells.append(Cell(f"mteb-{fusion}-{lex}", f"mteb.HybridSearch {fusion}, {lex} + dense, equal weights",
                               lambda lex=lex, fusion=fusion: mteb_hybrid(
                                   lexical_model(lex, encoder, index_dir), dense, fusion)))
+    # diagnostic: mteb's fusion with the package's lexical weight (chosen on the TREC-DL pool, not tuned here),
+    # to tell the effect of the weight from that of the normalisation
+    for fusion in fusions:
+        cells.append(Cell(f"mteb-{fusion}-pkg-bm25-w{DEFAULT_WEIGHT:g}",
+                          f"mteb.HybridSearch {fusion}, pkg-bm25 + dense, weights {DEFAULT_WEIGHT:g} / {1 - DEFAULT_WEIGHT:g}",
+                          lambda fusion=fusion: mteb_hybrid(lexical_model("pkg-bm25", encoder, index_dir), dense,
+                                                            fusion, DEFAULT_WEIGHT)))
     cells.append(Cell("pkg-default", "package hybrid (z-score, lexical weight 0.2)",
                       lambda: SteerSearch(encoder, score_fusion=LexicalHybrid(index_dir=index_dir))))
     return cells

@@ -29,7 +29,7 @@ def small_scifact(tmp_path_factory, data_root):
 def test_every_cell_has_its_own_result_identity(compare, encoder):
     cells = compare.build_cells(encoder)
     labels = [c.label for c in cells]
-    assert len(cells) == 3 + len(compare.FUSIONS) * len(compare.LEXICAL) + 1
+    assert len(cells) == 3 + len(compare.FUSIONS) * (len(compare.LEXICAL) + 1) + 1
     identities = [(m.name, m.revision) for m in (c.build().mteb_model_meta for c in cells)]
     assert all(rev for _, rev in identities), identities
     assert len(set(identities)) == len(identities), dict(zip(labels, identities, strict=True))
