@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mteb_steer.steps import Step
@@ -26,6 +26,23 @@ def stable_hash(payload: Any, length: int = 12) -> str:
     """Short sha256 of a JSON-able payload with sorted keys: the one hashing helper of the package."""
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+HASH_CHUNK = 10_000  # items per JSON blob when hashing long sequences
+
+
+def chunked_hash(n_items: int, chunk: Callable[[int, int], Any], size: int = HASH_CHUNK) -> str:
+    """`stable_hash` of a long sequence without ever building it as one JSON blob.
+
+    `chunk(start, stop)` returns the JSON-able payload of items [start, stop). Up to `size` items
+    the hash is `stable_hash(chunk(0, n_items))`, exactly what hashing the whole payload gave before
+    (so fingerprints already filed, e.g. of SciFact's and ArguAna's banks, stay valid); beyond it,
+    the hash of the item count and the hashes of consecutive `size`-item chunks.
+    """
+    if n_items <= size:
+        return stable_hash(chunk(0, n_items))
+    parts = [stable_hash(chunk(start, min(start + size, n_items))) for start in range(0, n_items, size)]
+    return stable_hash([n_items, parts])
 
 
 def _safe_tag(tag: str) -> str:

@@ -1,18 +1,19 @@
 """SteerSearch: the mteb `SearchProtocol` model that runs the steering steps around a SteerEncoder.
 
 `index()` embeds the corpus once and applies corpus steps (fusion); `search()` embeds queries,
-applies query steps (HyDE, refinement) that may look at the index, scores with the encoder's
-similarity (the one metric of the model), adds lexical evidence, and keeps the top-k with the
-same chunking, `torch.topk` and heap tie order as mteb's own `SearchEncoderWrapper`, so with no
-steps the results are identical to mteb's.
+applies query steps (HyDE, refinement) that may look at the index, then scores block by block
+(`mteb_steer.blocks`: corpus blocks of mteb's chunk size, query blocks within a memory budget, on
+the encoder's device) with the encoder's similarity (the one metric of the model), adds lexical
+evidence per tile, and keeps a running top-k with the same `torch.topk` and heap tie order as
+mteb's own `SearchEncoderWrapper`, so with no steps the results are identical to mteb's. No
+(queries x corpus) matrix is ever built.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from mteb._create_dataloaders import create_dataloader
 from mteb.types import PromptType
 
+from mteb_steer.blocks import CORPUS_BLOCK, SCORE_BUDGET_BYTES, MtebTopK, dense_tiles, gather_pairs, plan_blocks
 from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
 from mteb_steer.identity import steered_meta
 from mteb_steer.steps import (
@@ -29,6 +31,7 @@ from mteb_steer.steps import (
     QueryStep,
     ReportsFit,
     ScoreFusion,
+    Tile,
 )
 
 if TYPE_CHECKING:
@@ -36,45 +39,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MTEB_CORPUS_CHUNK = 50_000  # SearchEncoderWrapper's default corpus_chunk_size
 
-
-def top_k_like_mteb(scores: torch.Tensor, doc_ids: Sequence[str], query_ids: Sequence[str], top_k: int,
-                    chunk_size: int = MTEB_CORPUS_CHUNK) -> dict[str, dict[str, float]]:
-    """Top-k per query exactly as mteb's `chunked_full_corpus_search` picks them.
-
-    Per corpus chunk `torch.topk(top_k + 1)`, then a (score, doc_id) min-heap of size top_k:
-    ties between equal scores resolve the same way, which matters on corpora with duplicate
-    passages (ArguAna has 96 identical embeddings).
-    """
-    heaps: dict[str, list[tuple[float, str]]] = {qid: [] for qid in query_ids}
-    n_docs = scores.shape[1]
-    for start in range(0, n_docs, chunk_size):
-        block = scores[:, start:start + chunk_size]
-        values, idx = torch.topk(block, min(top_k + 1, block.shape[1]), dim=1, largest=True)
-        for q, qid in enumerate(query_ids):
-            heap = heaps[qid]
-            for i, score in zip(idx[q].tolist(), values[q].tolist(), strict=True):
-                item = (score, doc_ids[start + i])
-                if len(heap) < top_k:
-                    heapq.heappush(heap, item)
-                else:
-                    heapq.heappushpop(heap, item)
-    return {qid: {doc: score for score, doc in heap} for qid, heap in heaps.items()}
-
-
-def _rerank_top_ranked(scores: torch.Tensor, index: CorpusIndex, query_ids: Sequence[str],
+def _rerank_top_ranked(tiles: Iterator[Tile], index: CorpusIndex, query_ids: Sequence[str],
                        top_ranked: dict[str, list[str]], top_k: int) -> dict[str, dict[str, float]]:
     """Reranking tasks: keep each query's given candidates only, best top_k of them."""
+    ranked = [top_ranked.get(qid) or [] for qid in query_ids]
+    query_idx = np.repeat(np.arange(len(ranked)), [len(r) for r in ranked])
+    rows = np.array([index.id_to_row[d] for r in ranked for d in r], dtype=np.int64)
+    scores = gather_pairs(tiles, query_idx, rows)
     out: dict[str, dict[str, float]] = {}
-    for q, qid in enumerate(query_ids):
-        ranked = top_ranked.get(qid) or []
-        if not ranked:
+    start = 0
+    for qid, docs in zip(query_ids, ranked, strict=True):
+        if not docs:
             out[qid] = {}
             continue
-        rows = torch.tensor([index.id_to_row[d] for d in ranked])
-        values, idx = torch.topk(scores[q, rows], min(top_k, len(ranked)))
-        out[qid] = {ranked[i]: v for i, v in zip(idx.tolist(), values.tolist(), strict=True)}
+        values, idx = torch.topk(torch.from_numpy(scores[start:start + len(docs)]), min(top_k, len(docs)))
+        out[qid] = {docs[i]: v for i, v in zip(idx.tolist(), values.tolist(), strict=True)}
+        start += len(docs)
     return out
 
 
@@ -86,11 +67,16 @@ class SteerSearch:
         corpus_steps: applied in order to document vectors at index time.
         query_steps: applied in order to query vectors at search time.
         score_fusion: optional lexical (or other) evidence added to the dense scores.
+        corpus_block: passages per scoring block (mteb's chunk size; its tie order depends on it).
+        score_budget_bytes: memory for score tiles; sets how many queries are scored at once.
     """
 
     def __init__(self, encoder: SteerEncoder, corpus_steps: Sequence[CorpusStep] = (),
-                 query_steps: Sequence[QueryStep] = (), score_fusion: ScoreFusion | None = None) -> None:
+                 query_steps: Sequence[QueryStep] = (), score_fusion: ScoreFusion | None = None, *,
+                 corpus_block: int = CORPUS_BLOCK, score_budget_bytes: int = SCORE_BUDGET_BYTES) -> None:
         self.encoder = encoder
+        self.corpus_block = corpus_block
+        self.score_budget_bytes = score_budget_bytes
         self.corpus_steps = list(corpus_steps)
         self.query_steps = list(query_steps)
         self.score_fusion = score_fusion
@@ -112,12 +98,10 @@ class SteerSearch:
         if len(corpus) == 0:
             raise ValueError(f"{task_metadata.name} ({hf_split}): the corpus is empty")
         ids = [str(i) for i in corpus["id"]]
-        texts = dataset_passage_texts(corpus)
+        texts = dataset_passage_texts(corpus)  # the one copy of the texts: embedded here, kept by the index
         started = time.perf_counter()
-        loader = create_dataloader(corpus, task_metadata=task_metadata, prompt_type=PromptType.document,
-                                   batch_size=encode_kwargs.get("batch_size", 32), num_proc=num_proc)
-        embeddings = self.encoder.encode(loader, task_metadata=task_metadata, hf_split=hf_split,
-                                         hf_subset=hf_subset, prompt_type=PromptType.document, **encode_kwargs)
+        embeddings = self.encoder.embed(texts, PromptType.document, batch_size=encode_kwargs.get("batch_size"),
+                                        show_progress_bar=encode_kwargs.get("show_progress_bar", False))
         self.timings["encode_corpus_s"] = time.perf_counter() - started
         index = CorpusIndex(ids=ids, texts=texts, embeddings=embeddings, task_name=task_metadata.name)
         for step in self.corpus_steps:
@@ -135,7 +119,7 @@ class SteerSearch:
     def search(self, queries, *, task_metadata: TaskMetadata, hf_split: str, hf_subset: str, top_k: int,
                encode_kwargs: dict[str, Any], top_ranked: dict[str, list[str]] | None = None,
                num_proc: int | None = None, **kwargs: Any) -> dict[str, dict[str, float]]:
-        """Embed and steer queries, score the whole index, return top_k docs per query id."""
+        """Embed and steer queries, score the index block by block, return top_k docs per query id."""
         if self.index_ is None:
             raise ValueError("index() must be called with the corpus before search()")
         index = self.index_
@@ -151,20 +135,34 @@ class SteerSearch:
             batch.embeddings = np.asarray(step.steer_queries(batch, index, self.encoder), dtype=np.float32)
             self.timings[f"{step.tag}_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        scores = self.score(batch, index)
-        if top_ranked is not None:
-            out = _rerank_top_ranked(scores, index, batch.ids, top_ranked, top_k)
-        else:
-            out = top_k_like_mteb(scores, index.ids, batch.ids, top_k)
+        out = self.rank(batch, index, top_k, top_ranked)
         self.timings["score_s"] = time.perf_counter() - started
         return out
 
-    def score(self, queries: QueryBatch, index: CorpusIndex) -> torch.Tensor:
-        """Full (n_queries, n_docs) score matrix: dense similarity, then score fusion if any."""
-        scores = torch.as_tensor(self.encoder.similarity(queries.embeddings, index.embeddings))
-        if self.score_fusion is not None:
-            scores = self.score_fusion.fuse(queries, scores, index)
-        return scores
+    def rank(self, queries: QueryBatch, index: CorpusIndex, top_k: int,
+             top_ranked: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+        """The top_k passages per query (or the best of each query's `top_ranked` candidates), tile by tile."""
+        tiles = self.score_tiles(queries, index)
+        if top_ranked is not None:
+            return _rerank_top_ranked(tiles, index, queries.ids, top_ranked, top_k)
+        top = MtebTopK(queries.ids, index.ids, top_k)
+        for q_rows, d_rows, scores in tiles:
+            top.push(q_rows, d_rows, scores)
+        return top.result()
+
+    def score_tiles(self, queries: QueryBatch, index: CorpusIndex) -> Iterator[Tile]:
+        """Final scores (dense similarity, then score fusion if any) as (query rows, corpus rows, tile)."""
+        plan = plan_blocks(len(queries.ids), len(index.ids), corpus_block=self.corpus_block,
+                           budget_bytes=self.score_budget_bytes, what=f"search {index.task_name}".strip())
+        vectors = torch.as_tensor(np.asarray(queries.embeddings), dtype=torch.float32, device=self.encoder.model.device)
+
+        def dense() -> Iterator[Tile]:
+            return dense_tiles(self.encoder.similarity, vectors, index.embeddings, plan)
+
+        if self.score_fusion is None:
+            return dense()
+        fuse = self.score_fusion.fuser(queries, index, dense)
+        return ((q_rows, d_rows, fuse(q_rows, d_rows, scores)) for q_rows, d_rows, scores in dense())
 
     # -- EncoderProtocol by delegation (non-retrieval tasks) ----------------------------------
     def encode(self, inputs, **kwargs: Any) -> np.ndarray:

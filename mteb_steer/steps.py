@@ -3,6 +3,8 @@
 Data flows one way: corpus -> base embeddings -> corpus steps -> (index) ; queries -> base
 embeddings -> query transforms (encoder) -> query steps (search, may look at the index) ->
 dense scores -> score fusion (lexical) -> top-k. A step never imports from a later stage.
+Scores only ever exist as tiles of (query block x corpus block) (`mteb_steer.blocks`): no step
+sees, or builds, a (queries x corpus) matrix.
 
 Every step describes itself (`describe`) so the configuration gets its own MTEB identity,
 and names the labelled data it was fitted on (`training_datasets`).
@@ -10,6 +12,7 @@ and names the labelled data it was fitted on (`training_datasets`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -41,8 +44,9 @@ class Step(Protocol):
 class CorpusIndex:
     """The indexed corpus as every search-time step sees it.
 
-    `embeddings` are the (possibly steered) document vectors, float32, shape (n_docs, dim),
-    in the same row order as `ids` and `texts` (texts are title + " " + text as MTEB joins them).
+    `embeddings` are the (possibly steered) document vectors, shape (n_docs, dim), in the same row
+    order as `ids` and `texts` (texts are title + " " + text as MTEB joins them); float32 in memory,
+    or a float16/float32 `np.memmap` (scoring converts one block at a time).
     """
 
     ids: list[str]
@@ -95,9 +99,21 @@ class QueryStep(Step, Protocol):
     def steer_queries(self, queries: QueryBatch, index: CorpusIndex, encoder: SteerEncoder) -> np.ndarray: ...
 
 
+Tile = tuple[slice, slice, "torch.Tensor"]  # (query rows, corpus rows, scores (len(query rows), len(corpus rows)))
+TileFuser = Callable[[slice, slice, "torch.Tensor"], "torch.Tensor"]
+
+
 class ScoreFusion(Step, Protocol):
-    """Adds non-dense evidence to the (n_queries, n_docs) dense score matrix (lexical hybrid)."""
+    """Adds non-dense evidence to the dense scores (lexical hybrid), one score tile at a time."""
 
     def fit(self, index: CorpusIndex) -> None: ...
 
-    def fuse(self, queries: QueryBatch, dense_scores: torch.Tensor, index: CorpusIndex) -> torch.Tensor: ...
+    def fuser(self, queries: QueryBatch, index: CorpusIndex,
+              dense_tiles: Callable[[], Iterator[Tile]]) -> TileFuser:
+        """For these queries, a map (query rows, corpus rows, dense tile) -> fused tile of the same shape.
+
+        `dense_tiles()` starts a fresh pass over all dense tiles of these queries; a fusion that needs
+        exact statistics over the whole corpus (per-query mean, spread, top candidates) takes them
+        in such a pass first.
+        """
+        ...

@@ -242,3 +242,104 @@ def ref_hybrid(dense: np.ndarray, lexical: np.ndarray, mode: str, w: float, dept
         for j in range(dense.shape[1]):
             out[q, j] = (1 - w) * sides[0][j] + w * sides[1][j]
     return out
+
+
+# -- search (mteb_steer/search.py) -------------------------------------------------------------------
+
+def ref_top_k_like_mteb(scores, doc_ids: list, query_ids: list, top_k: int, chunk_size: int = 50_000) -> dict:
+    """The former full-matrix search: top-k per query from a whole (n_queries, n_docs) torch score matrix,
+    exactly as mteb's `chunked_full_corpus_search` picks them (per chunk torch.topk(top_k + 1), then a
+    (score, doc_id) min-heap of size top_k)."""
+    import heapq
+
+    import torch
+
+    heaps: dict = {qid: [] for qid in query_ids}
+    for start in range(0, scores.shape[1], chunk_size):
+        block = scores[:, start:start + chunk_size]
+        values, idx = torch.topk(block, min(top_k + 1, block.shape[1]), dim=1, largest=True)
+        for q, qid in enumerate(query_ids):
+            heap = heaps[qid]
+            for i, score in zip(idx[q].tolist(), values[q].tolist(), strict=True):
+                item = (score, doc_ids[start + i])
+                if len(heap) < top_k:
+                    heapq.heappush(heap, item)
+                else:
+                    heapq.heappushpop(heap, item)
+    return {qid: {doc: score for score, doc in heap} for qid, heap in heaps.items()}
+
+
+def ref_hybrid_full(hybrid, queries, dense, index):
+    """The former full-matrix `LexicalHybrid.fuse` (full regime, before block-wise scoring): the whole
+    (n_queries, n_docs) BM25 matrix from one sparse product, statistics over whole rows."""
+    import torch
+
+    lexical = hybrid.lexical
+    query_matrix = lexical.query_matrix(queries.texts)[0]
+    matched = (query_matrix @ lexical.term_docs).tocsr()
+    constant = lexical.constant(query_matrix)
+    w = hybrid.weight
+    if w == 0.0:
+        return dense
+    if w == 1.0:
+        return torch.from_numpy(matched.toarray() + constant[:, None])
+    if hybrid.fusion == "rrf":
+        fused = torch.zeros_like(dense)
+        depth = min(hybrid.candidates, dense.shape[1])
+        ranks = torch.arange(depth, dtype=torch.float32).expand(dense.shape[0], depth)
+        fused.scatter_(1, torch.topk(dense, depth, dim=1).indices, (1 - w) / (hybrid.rrf_k + 1 + ranks))
+        rows = np.repeat(np.arange(matched.shape[0]), np.diff(matched.indptr))
+        keep = matched.data > 0
+        rows, cols, data = rows[keep], matched.indices[keep], matched.data[keep]
+        order = np.lexsort((cols, -data, rows))
+        rows, cols = rows[order], cols[order]
+        counts = np.bincount(rows, minlength=matched.shape[0])
+        rank = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        top = rank < depth
+        fused[torch.from_numpy(rows[top]), torch.from_numpy(cols[top])] += torch.from_numpy(
+            (w / (hybrid.rrf_k + 1 + rank[top])).astype(np.float32))
+        return fused
+
+    def center_scale(mean, var, low, high):
+        center, scale = (mean, np.sqrt(np.maximum(var, 0.0))) if hybrid.fusion == "zscore" else (low, high - low)
+        return (torch.as_tensor(center, dtype=torch.float32).reshape(-1, 1),
+                torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1))
+
+    def normalise(values, center, scale):
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.where(scale > 0, (values - center) / safe, torch.zeros_like(values))
+
+    d64 = dense.double()
+    d_stats = center_scale(d64.mean(1).numpy(), d64.var(1, unbiased=False).numpy(), d64.amin(1).numpy(),
+                           d64.amax(1).numpy())
+    m64 = matched.astype(np.float64)
+    n_docs = matched.shape[1]
+    mean = np.asarray(m64.sum(axis=1)).ravel() / n_docs
+    var = np.asarray(m64.multiply(m64).sum(axis=1)).ravel() / n_docs - mean ** 2
+    l_stats = center_scale(mean + constant, var, m64.min(axis=1).toarray().ravel() + constant,
+                           m64.max(axis=1).toarray().ravel() + constant)
+    lex = torch.from_numpy(matched.toarray() + constant[:, None])
+    return (1 - w) * normalise(dense, *d_stats) + w * normalise(lex, *l_stats)
+
+
+def ref_full_scores(model, queries, index):
+    """The former full (n_queries, n_docs) score matrix of `SteerSearch.score`: the encoder's similarity,
+    then the hybrid's full-matrix fusion."""
+    import torch
+
+    dense = torch.as_tensor(model.encoder.similarity(queries.embeddings, index.embeddings)).float()
+    if model.score_fusion is None:
+        return dense
+    return ref_hybrid_full(model.score_fusion, queries, dense, index)
+
+
+def ref_bm25_matrix(index, query_texts):
+    """The whole (n_queries, n_docs) BM25 matrix of a LexicalIndex (small corpora only)."""
+    query_matrix = index.query_matrix(query_texts)[0]
+    return index.matched_block(query_matrix, slice(0, index.n_docs)) + index.constant(query_matrix)[:, None]
+
+
+def fuse_whole(step, queries, dense, index):
+    """A ScoreFusion applied to a whole small (n_queries, n_docs) dense matrix given as one tile."""
+    whole = slice(0, dense.shape[0]), slice(0, dense.shape[1])
+    return step.fuser(queries, index, lambda: iter([(*whole, dense)]))(*whole, dense)

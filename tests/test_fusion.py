@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mteb.types import PromptType
-from reference import ref_fuse, ref_mrr_at_10, ref_softmax_weights
+from reference import fuse_whole, ref_fuse, ref_mrr_at_10, ref_softmax_weights
 
 from mteb_steer.identity import steered_meta
 from mteb_steer.steering.banks import BankError, load_bank
@@ -217,7 +217,7 @@ def test_multivector_max_on_real_slice(arguana_slice, encoder):
     query_texts = ["should animals be used in research", "is nuclear power safe"]
     q = encoder.embed(query_texts, PromptType.query)
     dense = torch.as_tensor(encoder.similarity(q, index.embeddings))
-    got = step.fuse(QueryBatch(["a", "b"], query_texts, q), dense, index)
+    got = fuse_whole(step, QueryBatch(["a", "b"], query_texts, q), dense, index)
     gen = np.asarray(encoder.similarity(q, step.queries_.vectors))
     for qi in range(2):
         for d in range(len(index.ids)):

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mteb.types import PromptType
-from reference import ref_bm25, ref_hybrid
+from reference import fuse_whole, ref_bm25, ref_bm25_matrix, ref_hybrid
 from test_foundation import _run_search
 
 from mteb_steer.beir import load_beir_split
@@ -30,11 +30,11 @@ from mteb_steer.steering.lexical import (
     LexicalWarning,
     identical_id_mask,
     lexical_scores,
-    lexical_top_k,
     tokenize,
 )
 from mteb_steer.steps import CorpusIndex, QueryBatch
 from mteb_steer.tasks import resolve_task
+
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_bm25_matches_loop_reference(scifact_rows, method, k1, b):
     ids, texts, _, qtexts = scifact_rows
     params = BM25Params(method=method, k1=k1, b=b)
     docs, queries = texts[:120], qtexts[:20]
-    got = LexicalIndex.build(ids[:120], docs, params).scores(queries)
+    got = ref_bm25_matrix(LexicalIndex.build(ids[:120], docs, params), queries)
     expected = ref_bm25(tokenize(docs, params), tokenize(queries, params), method, k1, b, params.delta)
     assert (expected > 0).sum() > 100  # real matches, not an all-zero comparison
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
@@ -110,7 +110,7 @@ def test_scores_equal_bm25s_own_retrieval(scifact_rows):
     """The batched sparse product ranks like bm25s's own per-query `retrieve`."""
     ids, texts, _, qtexts = scifact_rows
     index = LexicalIndex.build(ids, texts)
-    ours = index.scores(qtexts)
+    ours = ref_bm25_matrix(index, qtexts)
     docs, scores = index.retriever.retrieve(tokenize(qtexts, index.params), k=10, show_progress=False)
     np.testing.assert_allclose(np.take_along_axis(ours, docs, axis=1), scores, rtol=1e-6)
     np.testing.assert_allclose(np.sort(ours, axis=1)[:, ::-1][:, :10], scores, rtol=1e-6)
@@ -154,22 +154,21 @@ def test_fusion_matches_loop_reference(scifact_setup, fusion, weight):
     make, queries, index, dense = scifact_setup
     hybrid = make(weight=weight, fusion=fusion, candidates=40)
     before = dense.clone()
-    fused = hybrid.fuse(queries, dense, index)
-    lexical = hybrid.lexical.scores(queries.texts)
+    fused = fuse_whole(hybrid, queries, dense, index)
+    lexical = ref_bm25_matrix(hybrid.lexical, queries.texts)
     expected = ref_hybrid(dense.double().numpy()[:8], lexical[:8].astype(np.float64), fusion, weight,
                           depth=40, rrf_k=60)
     np.testing.assert_allclose(fused[:8].numpy(), expected, rtol=1e-4, atol=1e-5)
-    assert torch.equal(dense, before)  # the full regime never writes into the dense scores
+    assert torch.equal(dense, before)  # the fusion never writes into the dense scores
 
 
 @settings(max_examples=15, deadline=None)
-@given(fusion=st.sampled_from(FUSION_MODES), weight=st.floats(0.05, 0.95), candidates=st.integers(20, 120),
-       chunk_mb=st.sampled_from([1, 256]))
-def test_union_regime_equals_full_regime_on_its_candidates(scifact_setup, fusion, weight, candidates, chunk_mb):
+@given(fusion=st.sampled_from(FUSION_MODES), weight=st.floats(0.05, 0.95), candidates=st.integers(20, 120))
+def test_union_regime_equals_full_regime_on_its_candidates(scifact_setup, fusion, weight, candidates):
     make, queries, index, dense = scifact_setup
-    expected = make(weight=weight, fusion=fusion, candidates=candidates).fuse(queries, dense, index)
-    union = make(weight=weight, fusion=fusion, candidates=candidates, full_max_docs=0, work_mem_mb=chunk_mb)
-    got = union.fuse(queries, dense.clone(), index)
+    expected = fuse_whole(make(weight=weight, fusion=fusion, candidates=candidates), queries, dense, index)
+    union = make(weight=weight, fusion=fusion, candidates=candidates, full_max_docs=0)
+    got = fuse_whole(union, queries, dense.clone(), index)
     floor = got.min(dim=1, keepdim=True).values
     scored = got > floor
     assert (scored.sum(1) >= candidates).all()
@@ -208,13 +207,13 @@ def test_bank_of_another_corpus_is_rejected(scifact_rows, genq_bank):
 def test_teacher_never_returns_a_querys_own_passage(arguana_rows):
     ids, texts, qids, qtexts = arguana_rows
     index = LexicalIndex.build(ids, texts)
-    full = index.scores(qtexts)
+    full = ref_bm25_matrix(index, qtexts)
     own = np.array([ids.index(q) for q in qids])
     assert (full.argmax(1) == own).mean() > 0.8  # why exclusion matters: the own passage dominates BM25
-    rows, scores = lexical_top_k(index, qtexts, 20, query_ids=qids)
-    assert not (rows == own[:, None]).any()
-    np.testing.assert_allclose(scores, np.take_along_axis(full, rows, axis=1))
-    assert (np.diff(scores, axis=1) <= 0).all()
+    others = full.copy()
+    others[np.arange(len(own)), own] = -np.inf
+    rows = np.argsort(-others, axis=1, kind="stable")[:, :20]
+    scores = np.take_along_axis(full, rows, axis=1)
     candidates = np.concatenate([own[:, None], rows[:, :5]], axis=1)
     teacher = lexical_scores(index, qtexts, candidates, query_ids=qids)
     assert np.isneginf(teacher[:, 0]).all() and np.isfinite(teacher[:, 1:]).all()
@@ -231,9 +230,7 @@ def test_teacher_rejects_bad_candidates(arguana_rows):
     with pytest.raises(ValueError, match="candidate_rows must be"):
         lexical_scores(index, qtexts, np.zeros(len(qtexts), dtype=int))
     with pytest.raises(ValueError, match="query ids for"):
-        lexical_top_k(index, qtexts, 5, query_ids=qids[:-1])
-    with pytest.raises(ValueError, match="k must be in"):
-        lexical_top_k(index, qtexts, len(ids), query_ids=qids)
+        lexical_scores(index, qtexts, np.zeros((len(qtexts), 2), dtype=int), query_ids=qids[:-1])
 
 
 # -- persistence ----------------------------------------------------------------------------------------
@@ -243,7 +240,7 @@ def test_save_load_gives_identical_scores(tmp_path, arguana_rows, genq_bank, met
     index = LexicalIndex.build(ids, texts, BM25Params(method=method), bank=genq_bank)
     index.save(tmp_path / "idx")
     loaded = LexicalIndex.load(tmp_path / "idx")
-    assert np.array_equal(loaded.scores(qtexts), index.scores(qtexts))
+    assert np.array_equal(ref_bm25_matrix(loaded, qtexts), ref_bm25_matrix(index, qtexts))
     assert (loaded.fingerprint, loaded.ids, loaded.params) == (index.fingerprint, index.ids, index.params)
     assert json.loads((tmp_path / "idx" / "lexical.json").read_text())["n_expanded"] == index.n_expanded
 
@@ -258,7 +255,7 @@ def test_hybrid_reloads_its_saved_index(tmp_path, scifact_setup, caplog):
     with caplog.at_level(logging.INFO, logger="mteb_steer.steering.lexical"):
         second.fit(index)
     assert "reloaded" in caplog.text
-    assert torch.equal(second.fuse(queries, dense, index), first.fuse(queries, dense, index))
+    assert torch.equal(fuse_whole(second, queries, dense, index), fuse_whole(first, queries, dense, index))
     with pytest.raises(FileNotFoundError, match="not a saved lexical index"):
         LexicalIndex.load(tmp_path)
 
@@ -274,7 +271,7 @@ def test_queries_without_terms_fall_back_to_the_dense_ranking(encoder, scifact_s
                        embeddings=encoder.embed(texts, PromptType.query))
     dense_bad = torch.as_tensor(encoder.similarity(batch.embeddings, index.embeddings))
     with pytest.warns(LexicalWarning, match=r"3 query\(ies\) without any index term.*bad0"):
-        fused = hybrid.fuse(batch, dense_bad, index)
+        fused = fuse_whole(hybrid, batch, dense_bad, index)
     assert torch.isfinite(fused).all()
     for q in range(3):
         assert torch.equal(torch.topk(fused[q], 10).indices, torch.topk(dense_bad[q], 10).indices)
@@ -285,14 +282,14 @@ def test_passages_without_terms_score_zero_and_search_runs(scifact_setup):
     texts = ["", "the and of", *index.texts[2:]]
     with pytest.warns(LexicalWarning, match=r"2 passage\(s\) without any index term"):
         lexical = LexicalIndex.build(index.ids, texts)
-    assert not lexical.scores(queries.texts)[:, :2].any()
+    assert not ref_bm25_matrix(lexical, queries.texts)[:, :2].any()
     with pytest.raises(ValueError, match="none of the 2 passages has an index term"):
         LexicalIndex.build(index.ids[:2], ["", "?!"])
     blanked = CorpusIndex(ids=index.ids, texts=texts, embeddings=index.embeddings)
     hybrid = LexicalHybrid()
     with pytest.warns(LexicalWarning, match="passage"):
         hybrid.fit(blanked)
-    assert torch.isfinite(hybrid.fuse(queries, dense, blanked)).all()
+    assert torch.isfinite(fuse_whole(hybrid, queries, dense, blanked)).all()
 
 
 def test_bad_configuration_and_calls_are_named(scifact_setup):
@@ -307,12 +304,10 @@ def test_bad_configuration_and_calls_are_named(scifact_setup):
     make, queries, index, dense = scifact_setup
     hybrid = make()
     with pytest.raises(RuntimeError, match="fit"):
-        LexicalHybrid().fuse(queries, dense, index)
-    with pytest.raises(ValueError, match="dense_scores has shape"):
-        hybrid.fuse(queries, dense[:, :10], index)
+        fuse_whole(LexicalHybrid(), queries, dense, index)
     other = CorpusIndex(ids=index.ids[:10], texts=index.texts[:10], embeddings=index.embeddings[:10])
     with pytest.raises(ValueError, match="other than the one fit"):
-        hybrid.fuse(queries, dense[:, :10], other)
+        fuse_whole(hybrid, queries, dense[:, :10], other)
 
 
 # -- identity ------------------------------------------------------------------------------------------

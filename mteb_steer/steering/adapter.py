@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from mteb_steer.beir import DataFolderError, load_beir_split, read_corpus
 from mteb_steer.encoder import passage_text
-from mteb_steer.identity import stable_hash
+from mteb_steer.identity import chunked_hash, stable_hash
 from mteb_steer.steering.banks import QueryBank, load_bank
 from mteb_steer.steering.fusion import reciprocal_ranks
 from mteb_steer.tasks import LOCAL_FOLDERS, default_data_root, resolve_task
@@ -243,8 +243,11 @@ class PairSet:
             raise ValueError(f"training data {self.name!r}: positive rows outside the corpus")
 
     def fingerprint(self) -> str:
-        return stable_hash({"name": self.name, "queries": self.queries, "positives": self.positives.tolist(),
-                            "groups": self.groups, "corpus": stable_hash(self.corpus_texts)})
+        """Content hash of the pairs and the corpus, each hashed in chunks (no corpus-sized JSON blob)."""
+        pairs = chunked_hash(len(self.queries), lambda a, b: [self.queries[a:b], self.positives[a:b].tolist(),
+                                                              self.groups[a:b]])
+        corpus = chunked_hash(len(self.corpus_texts), lambda a, b: list(self.corpus_texts[a:b]))
+        return stable_hash({"name": self.name, "pairs": pairs, "corpus": corpus})
 
 
 def _labelled_folder(data: str | os.PathLike, data_root: str | os.PathLike | None) -> tuple[Path, AbsTaskRetrieval]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mteb_steer.beir import DataFolderError, find_file, read_jsonl, read_qrels
-from mteb_steer.identity import stable_hash
+from mteb_steer.identity import chunked_hash
 
 QueryBank = dict[str, list[str]]
 
@@ -148,8 +148,12 @@ def save_bank(bank: QueryBank, path: str | os.PathLike, metadata: dict[str, Any]
 
 
 def bank_fingerprint(bank: QueryBank) -> str:
-    """Content hash of a bank (ids, queries and their order), for a step's `describe()`."""
-    return stable_hash(bank)
+    """Content hash of a bank (ids, queries and their order), for a step's `describe()`.
+
+    Hashed in chunks of passages (sorted ids), so a bank of millions never becomes one JSON blob.
+    """
+    ids = sorted(bank)
+    return chunked_hash(len(ids), lambda start, stop: {doc_id: bank[doc_id] for doc_id in ids[start:stop]})
 
 
 def bank_stats(bank: QueryBank) -> dict[str, int]:

@@ -20,13 +20,20 @@ held-out queries retrieve from the whole fused corpus (MRR@10 of their own passa
 error of the best MRR: held-out generated queries are exchangeable with the fused ones, so they
 overstate what fusion does for real queries, and a smaller change to the base model is
 preferred when the difference is not significant. Rule "best" takes the maximum. No task label
-is ever read.
+is ever read. At most AUTO_SAMPLE held-out queries (a seeded sample) are scored, so the check
+costs O(AUTO_SAMPLE x corpus) per grid value whatever the corpus size; SciFact and ArguAna hold
+fewer, so every one of theirs is used. The sample size is filed in `steer_fit.json`.
+
+Memory: passages are fused block by block (FUSE_BLOCK passages, float64 inside a block only), and
+the `auto` check scores the held-out queries against the fused corpus tile by tile
+(`mteb_steer.blocks`), fusing each corpus block as it is scored: no float64 copy of all vectors,
+no (queries x corpus) matrix.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,8 +43,9 @@ import torch
 from mteb.types import PromptType
 from tqdm.auto import tqdm
 
+from mteb_steer.blocks import dense_tiles, gather_pairs, plan_blocks
 from mteb_steer.steering.banks import BankError, QueryBank, bank_fingerprint, bank_stats
-from mteb_steer.steps import CorpusIndex, QueryBatch
+from mteb_steer.steps import CorpusIndex, QueryBatch, Tile, TileFuser
 
 if TYPE_CHECKING:
     from mteb_steer.encoder import SteerEncoder
@@ -56,7 +64,8 @@ DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
     "rotate": (0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32),
 }
 PARTIAL_COVERAGE = 0.95  # below this share of passages with queries, fusion favours the covered ones
-SCORE_CHUNK = 2048  # held-out queries scored per block (bounds the (chunk, n_docs) matrix)
+AUTO_SAMPLE = 10_000  # held-out queries scored by `auto` at most (seeded sample; SciFact/ArguAna have fewer)
+FUSE_BLOCK = 50_000  # passages fused at once
 
 
 # -- the math, vectorised over all passages --------------------------------------------------------
@@ -156,10 +165,14 @@ def corpus_queries(bank: QueryBank, index: CorpusIndex, encoder: SteerEncoder) -
 
 
 def passage_similarity(queries: CorpusQueries, passages: np.ndarray) -> np.ndarray:
-    """Cosine of each generated query with its own passage, shape (n_queries,)."""
-    q = _normalize(queries.vectors.astype(np.float64))
-    p = _normalize(passages.astype(np.float64))[queries.owner]
-    return np.einsum("ij,ij->i", q, p)
+    """Cosine of each generated query with its own passage, shape (n_queries,) (float64, in blocks)."""
+    out = np.empty(len(queries.owner))
+    for start in range(0, len(out), FUSE_BLOCK):
+        rows = slice(start, start + FUSE_BLOCK)
+        q = _normalize(queries.vectors[rows].astype(np.float64))
+        p = _normalize(np.asarray(passages[queries.owner[rows]], dtype=np.float64))
+        out[rows] = np.einsum("ij,ij->i", q, p)
+    return out
 
 
 def similarity_weights(queries: CorpusQueries, passages: np.ndarray, temperature: float) -> np.ndarray:
@@ -178,7 +191,10 @@ def similarity_weights(queries: CorpusQueries, passages: np.ndarray, temperature
 
 
 def weighted_sums(queries: CorpusQueries, weights: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sum_i w_i q_i per passage (n_docs, d) float64, number of queries per passage (n_docs,))."""
+    """(sum_i w_i q_i per passage (n_docs, d) float64, number of queries per passage (n_docs,)).
+
+    Called per passage block (`QueryFusion.fuse_rows`), so the float64 arrays are block-sized.
+    """
     n = len(queries.owner)
     incidence = sp.csr_matrix((weights, (queries.owner, np.arange(n))), shape=(n_docs, n))
     sums = np.asarray(incidence @ queries.vectors.astype(np.float64))
@@ -197,20 +213,36 @@ def hold_out_one(owner: np.ndarray, n_docs: int, seed: int) -> np.ndarray:
     return mask
 
 
-def reciprocal_ranks(queries: np.ndarray, targets: np.ndarray, corpus: np.ndarray, encoder: SteerEncoder
-                     ) -> np.ndarray:
+def reciprocal_ranks(queries: np.ndarray, targets: np.ndarray, corpus: Any, encoder: SteerEncoder) -> np.ndarray:
     """Per query, 1 / (rank + 1) of its target corpus row if ranked in the top 10, else 0 (ties favour it).
 
     rank = number of corpus rows scoring strictly higher (encoder similarity); shape (n_queries,) float64.
+    `corpus` is any array of rows (or a `FusedCorpus`), scored tile by tile: one pass reads each
+    query's own score, a second counts the rows above it.
     """
-    out = np.empty(len(queries), dtype=np.float64)
-    for start in range(0, len(queries), SCORE_CHUNK):
-        scores = torch.as_tensor(encoder.similarity(queries[start:start + SCORE_CHUNK], corpus))
-        rows = torch.as_tensor(targets[start:start + SCORE_CHUNK])
-        own = scores[torch.arange(len(rows)), rows]
-        rank = (scores > own[:, None]).sum(dim=1).double()
-        out[start:start + len(rows)] = ((rank < 10) / (rank + 1.0)).numpy()
-    return out
+    plan = plan_blocks(len(queries), len(corpus), what="held-out ranks")
+    vectors = torch.as_tensor(np.asarray(queries), dtype=torch.float32, device=encoder.model.device)
+    targets = np.asarray(targets, dtype=np.int64)
+    own = gather_pairs(dense_tiles(encoder.similarity, vectors, corpus, plan), np.arange(len(targets)), targets)
+    own_t = torch.as_tensor(own, device=vectors.device)
+    above = torch.zeros(len(targets), dtype=torch.float64, device=vectors.device)
+    for q_rows, _, scores in dense_tiles(encoder.similarity, vectors, corpus, plan):
+        above[q_rows] += (scores > own_t[q_rows, None]).sum(1).double()
+    return ((above < 10) / (above + 1.0)).cpu().numpy()
+
+
+class FusedCorpus:
+    """The passages fused at one strength, computed block by block when rows are read (`corpus[rows]`)."""
+
+    def __init__(self, fusion: QueryFusion, passages: Any, queries: CorpusQueries, strength: float,
+                 scale: np.ndarray | None = None) -> None:
+        self.fusion, self.passages, self.queries, self.strength, self.scale = fusion, passages, queries, strength, scale
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.fusion.fuse_rows(self.passages, self.queries, self.strength, rows, self.scale).astype(np.float32)
 
 
 @dataclass
@@ -223,7 +255,9 @@ class AutoSelection:
     scores: list[float]
     std_errors: list[float]
     chosen: float
-    heldout_queries: int
+    heldout_queries: int  # scored: all held-out queries, or a seeded sample of AUTO_SAMPLE of them
+    heldout_available: int = 0  # held out (one per passage with >= 2 queries)
+    sample_size: int = AUTO_SAMPLE
 
     def table(self) -> str:
         return "  ".join(f"{self.parameter}={v:g}:{s:.4f}±{e:.4f}"
@@ -325,18 +359,30 @@ class QueryFusion:
     def training_datasets(self) -> set[str]:
         return set()
 
-    def fuse(self, passages: np.ndarray, queries: CorpusQueries, strength: float,
+    def fuse(self, passages: Any, queries: CorpusQueries, strength: float,
              scale: np.ndarray | None = None) -> np.ndarray:
-        """Fused (n_docs, d) float64 vectors of `passages` with `queries` at one strength.
+        """Fused (n_docs, d) float32 vectors of `passages` with `queries` at one strength, block by block.
 
         `scale` (n_queries,) multiplies the query weights (held-out selection uses it for "sum").
         """
-        weights = (similarity_weights(queries, passages, self.temperature) if self.weighting == "similarity"
-                   else np.ones(len(queries.owner)))
+        out = np.empty((len(passages), passages.shape[1]), dtype=np.float32)
+        for start in range(0, len(out), FUSE_BLOCK):
+            rows = slice(start, min(start + FUSE_BLOCK, len(out)))
+            out[rows] = self.fuse_rows(passages, queries, strength, rows, scale)
+        return out
+
+    def fuse_rows(self, passages: Any, queries: CorpusQueries, strength: float, rows: slice,
+                  scale: np.ndarray | None = None) -> np.ndarray:
+        """Fused float64 vectors of the passages `rows` (`queries.owner` is sorted, so theirs are contiguous)."""
+        lo, hi = np.searchsorted(queries.owner, [rows.start, rows.stop])
+        block = CorpusQueries(queries.texts[lo:hi], queries.owner[lo:hi] - rows.start, queries.vectors[lo:hi])
+        p = np.asarray(passages[rows], dtype=np.float64)
+        weights = (similarity_weights(block, p, self.temperature) if self.weighting == "similarity"
+                   else np.ones(hi - lo))
         if scale is not None:
-            weights = weights * scale
-        sums, counts = weighted_sums(queries, weights, passages.shape[0])
-        return FUSERS[self.method](passages, sums, counts, strength)
+            weights = weights * scale[lo:hi]
+        sums, counts = weighted_sums(block, weights, p.shape[0])
+        return FUSERS[self.method](p, sums, counts, strength)
 
     def filter_queries(self, queries: CorpusQueries, passages: np.ndarray) -> CorpusQueries:
         """Drop the `drop_fraction` of queries least similar to their passage (Doc2Query--)."""
@@ -364,12 +410,16 @@ class QueryFusion:
         if self.method == "sum":
             n_docs = passages.shape[0]
             scale = (np.bincount(queries.owner, minlength=n_docs) / np.bincount(rest.owner, minlength=n_docs))[rest.owner]
-        ranks = [reciprocal_ranks(probe.vectors, probe.owner,
-                                  self.fuse(passages, rest, value, scale).astype(np.float32), encoder)
+        available = int(probe.owner.size)
+        if available > AUTO_SAMPLE:
+            keep = np.zeros(available, dtype=bool)
+            keep[np.random.default_rng(self.seed).choice(available, AUTO_SAMPLE, replace=False)] = True
+            probe = probe.subset(keep)
+        ranks = [reciprocal_ranks(probe.vectors, probe.owner, FusedCorpus(self, passages, rest, value, scale), encoder)
                  for value in tqdm(self.grid, desc=f"{self.parameter}=auto", leave=False)]
         selection = AutoSelection(self.parameter, self.rule, list(self.grid), [float(r.mean()) for r in ranks],
                                   [float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0 for r in ranks],
-                                  pick_strength(self.grid, ranks, self.rule), int(held.sum()))
+                                  pick_strength(self.grid, ranks, self.rule), int(probe.owner.size), available)
         logger.info("%s auto (%s, %d held-out queries, rule %s): %s -> %s=%g", self.tag, task_name,
                     selection.heldout_queries, self.rule, selection.table(), self.parameter, selection.chosen)
         return selection
@@ -387,7 +437,7 @@ class QueryFusion:
             selection = self.select(index.embeddings, queries, encoder, index.task_name)
             self.selections[index.task_name] = selection
             strength = selection.chosen
-        return self.fuse(index.embeddings, queries, float(strength)).astype(np.float32)
+        return self.fuse(index.embeddings, queries, float(strength))
 
 
 class MultiVectorMax:
@@ -422,11 +472,20 @@ class MultiVectorMax:
     def fit(self, index: CorpusIndex) -> None:
         self.queries_ = corpus_queries(self.bank, index, self.encoder)
 
-    def fuse(self, queries: QueryBatch, dense_scores: torch.Tensor, index: CorpusIndex) -> torch.Tensor:
-        """(n_queries, n_docs) scores: elementwise max of dense and best-generated-query similarity."""
+    def fuser(self, queries: QueryBatch, index: CorpusIndex, dense_tiles: Callable[[], Iterator[Tile]]) -> TileFuser:
+        """Per tile: elementwise max of dense and best-generated-query similarity (no first pass needed)."""
         if self.queries_ is None:
-            raise ValueError("MultiVectorMax.fit(index) must run before fuse()")
-        gen = torch.as_tensor(self.encoder.similarity(queries.embeddings, self.queries_.vectors)) - self.margin
-        owner = torch.as_tensor(self.queries_.owner).expand(gen.shape[0], -1)
-        best = dense_scores.clone()
-        return best.scatter_reduce_(1, owner, gen.to(best.dtype), reduce="amax", include_self=True)
+            raise ValueError("MultiVectorMax.fit(index) must run before fuser()")
+        owner = self.queries_.owner  # sorted by corpus row (corpus_queries)
+
+        def fuse(q_rows: slice, d_rows: slice, dense: torch.Tensor) -> torch.Tensor:
+            lo, hi = np.searchsorted(owner, [d_rows.start, d_rows.stop])
+            if lo == hi:
+                return dense
+            generated = torch.as_tensor(self.queries_.vectors[lo:hi], device=dense.device)
+            gen = torch.as_tensor(self.encoder.similarity(
+                torch.as_tensor(queries.embeddings[q_rows], device=dense.device), generated)) - self.margin
+            rows = torch.as_tensor(owner[lo:hi] - d_rows.start, device=dense.device).expand(gen.shape[0], -1)
+            return dense.clone().scatter_reduce_(1, rows, gen.to(dense.dtype), reduce="amax", include_self=True)
+
+        return fuse

@@ -8,13 +8,15 @@ vectors miss. This module holds
   sees them (`CorpusIndex.texts`, title + " " + text), English stop words and PyStemmer
   stemming, optional expansion with each passage's OWN generated queries; save/load as plain
   files (bm25s arrays + `lexical.json` with params and fingerprint).
-- `LexicalHybrid`: the `ScoreFusion` step (z-score, RRF or min-max weighted sum).
-- `lexical_scores` / `lexical_top_k` / `identical_id_mask`: BM25 as a teacher for test-time
-  refinement, never handing a query its own passage (mteb's `ignore_identical_ids`).
+- `LexicalHybrid`: the `ScoreFusion` step (z-score, RRF or min-max weighted sum), tile by tile.
+- `lexical_scores` / `identical_id_mask`: BM25 as a teacher for test-time refinement, on the
+  candidates only, never handing a query its own passage (mteb's `ignore_identical_ids`).
 
 Fusion convention: fused = (1 - w) * norm(dense) + w * norm(lexical), w = lexical weight in
 [0, 1]. w = 0 returns the dense scores untouched (exactly the dense ranking), w = 1 the raw BM25
-scores (exactly the lexical ranking). Normalisation is per query over the whole corpus.
+scores (exactly the lexical ranking). Normalisation is per query over the whole corpus: its
+statistics are accumulated in a first pass over the score tiles, so they are exact at any size
+while no (queries x corpus) matrix, dense or lexical, ever exists.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,11 +38,12 @@ import Stemmer
 import torch
 from tqdm.auto import tqdm
 
-from mteb_steer.identity import stable_hash
+from mteb_steer.blocks import TopRows
+from mteb_steer.identity import chunked_hash, stable_hash
 from mteb_steer.steering.banks import QueryBank, bank_fingerprint
 
 if TYPE_CHECKING:
-    from mteb_steer.steps import CorpusIndex, QueryBatch
+    from mteb_steer.steps import CorpusIndex, QueryBatch, Tile, TileFuser
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,6 @@ DEFAULTS_CHOSEN_ON = frozenset({"TRECDL2019", "TRECDL2020"})
 INDEX_FORMAT = 1
 _META_FILE = "lexical.json"
 _IDS_FILE = "ids.json"
-_HASH_CHUNK = 10_000
 _PROGRESS_MIN = 10_000  # show progress bars from this many texts on
 
 
@@ -118,9 +120,7 @@ def expand_with_bank(ids: Sequence[str], texts: Sequence[str], bank: QueryBank) 
 
 def corpus_fingerprint(ids: Sequence[str], texts: Sequence[str]) -> str:
     """Hash of the passage ids and texts (in order), chunked so big corpora never become one JSON blob."""
-    parts = [stable_hash([list(ids[i:i + _HASH_CHUNK]), list(texts[i:i + _HASH_CHUNK])])
-             for i in range(0, len(ids), _HASH_CHUNK)]
-    return stable_hash([len(ids), parts])
+    return chunked_hash(len(ids), lambda start, stop: [list(ids[start:stop]), list(texts[start:stop])])
 
 
 def index_fingerprint(ids: Sequence[str], texts: Sequence[str], params: BM25Params,
@@ -143,7 +143,10 @@ class LexicalIndex:
 
     Scores come from bm25s's eager term x document matrix: a query is a sparse bag of term
     counts (a repeated query term counts twice, as in bm25s's own `get_scores`), and its scores
-    over the corpus are one sparse product, so a batch of queries is scored without Python loops.
+    over a block of passages are one sparse product with the block's rows of a passage-major copy
+    (`doc_terms`), so a batch of queries is scored without Python loops and one block at a time.
+    Both products add a query's terms in ascending term order, so every score is bit-identical to
+    bm25s's term-major product.
     """
 
     def __init__(self, retriever: bm25s.BM25, params: BM25Params, ids: list[str], fingerprint: str,
@@ -162,6 +165,7 @@ class LexicalIndex:
         # bm25s stores a CSC (n_docs x vocab): the same arrays are the CSR of its transpose.
         self.term_docs = sp.csr_matrix((scores["data"], scores["indices"], scores["indptr"]),
                                        shape=(len(self.vocab), self.n_docs))
+        self.doc_terms = self.term_docs.T.tocsr()  # passage-major: a block of passages is a row slice
         nonocc = retriever.nonoccurrence_array
         self.nonoccurrence = None if nonocc is None else np.asarray(nonocc, dtype=np.float32)
 
@@ -176,7 +180,7 @@ class LexicalIndex:
         score 0 for every query (warned); a corpus with no term at all raises.
         """
         params = params or BM25Params()
-        ids, texts = [str(i) for i in ids], list(texts)
+        ids = [str(i) for i in ids]
         if len(ids) != len(texts):
             raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
         if not ids:
@@ -246,23 +250,24 @@ class LexicalIndex:
         matrix.sum_duplicates()
         return matrix, lengths == 0
 
-    def sparse_scores(self, query_matrix: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
-        """BM25 as (sparse matched-term part (n_q, n_docs), per-query constant (n_q,)).
-
-        The constant is non-zero only for BM25L/BM25+, whose score of an absent term is added to
-        every document; score(q, d) = sparse[q, d] + constant[q].
-        """
-        matched = (query_matrix @ self.term_docs).tocsr()
+    def constant(self, query_matrix: sp.csr_matrix) -> np.ndarray:
+        """Per-query float32 score every passage gets from absent terms (non-zero for BM25L/BM25+ only)."""
         if self.nonoccurrence is None:
-            constant = np.zeros(query_matrix.shape[0], dtype=np.float32)
-        else:
-            constant = np.asarray(query_matrix @ self.nonoccurrence, dtype=np.float32).ravel()
-        return matched, constant
+            return np.zeros(query_matrix.shape[0], dtype=np.float32)
+        return np.asarray(query_matrix @ self.nonoccurrence, dtype=np.float32).ravel()
 
-    def scores(self, query_texts: Sequence[str]) -> np.ndarray:
-        """Full (n_queries, n_docs) float32 BM25 score matrix (small corpora, tests)."""
-        matched, constant = self.sparse_scores(self.query_matrix(query_texts)[0])
-        return matched.toarray() + constant[:, None]
+    def matched_block(self, query_matrix: sp.csr_matrix, rows: slice) -> np.ndarray:
+        """float32 (n_queries, len(rows)): the matched-term part of BM25 for the passages `rows`.
+
+        score(q, d) = matched[q, d] + constant(q); passages matching no query term hold 0.
+        """
+        return np.asarray((self.doc_terms[rows] @ query_matrix.T).T.toarray(), dtype=np.float32)
+
+    def pair_scores(self, query_matrix: sp.csr_matrix, query_idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float32 BM25 of the (query_idx[i], rows[i]) pairs, from the distinct rows only."""
+        unique, inverse = np.unique(rows, return_inverse=True)
+        matched = (self.doc_terms[unique] @ query_matrix.T).tocsr()
+        return np.asarray(matched[inverse, query_idx], dtype=np.float32).ravel() + self.constant(query_matrix)[query_idx]
 
 
 def disk_bytes(folder: str | Path) -> int:
@@ -296,50 +301,29 @@ def lexical_scores(index: LexicalIndex, query_texts: Sequence[str], candidate_ro
         raise ValueError(f"candidate_rows must be (n_queries={len(query_texts)}, n_candidates), got {rows.shape}")
     if rows.size and (rows.min() < 0 or rows.max() >= index.n_docs):
         raise ValueError(f"candidate_rows must lie in [0, {index.n_docs}), got [{rows.min()}, {rows.max()}]")
-    matched, constant = index.sparse_scores(index.query_matrix(query_texts)[0])
     q_idx = np.repeat(np.arange(rows.shape[0]), rows.shape[1])
-    out = np.asarray(matched[q_idx, rows.ravel()], dtype=np.float32).reshape(rows.shape) + constant[:, None]
+    out = index.pair_scores(index.query_matrix(query_texts)[0], q_idx, rows.ravel()).reshape(rows.shape)
     if query_ids is not None:
         out[identical_id_mask(query_ids, rows, index.ids)] = -np.inf
     return out
 
 
-def lexical_top_k(index: LexicalIndex, query_texts: Sequence[str], k: int,
-                  query_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's k best rows by BM25, best first: (rows int64 (n_q, k), scores float32 (n_q, k)).
-
-    With `query_ids`, a query's own passage is never among the rows. Equal scores keep the
-    lower row first. Memory: one (n_queries, n_docs) float32 score matrix.
-    """
-    _check_queries(query_texts, query_ids)
-    limit = index.n_docs - (query_ids is not None)
-    if not 0 < k <= limit:
-        raise ValueError(f"k must be in [1, {limit}], got {k}")
-    scores = torch.from_numpy(index.scores(query_texts))
-    if query_ids is not None:
-        own = np.array([index.id_to_row.get(str(q), -1) for q in query_ids], dtype=np.int64)
-        has = np.flatnonzero(own >= 0)
-        scores[torch.from_numpy(has), torch.from_numpy(own[has])] = -torch.inf
-    order = torch.sort(scores, dim=1, descending=True, stable=True)
-    return order.indices[:, :k].numpy(), order.values[:, :k].numpy()
-
-
 # -- fusion ---------------------------------------------------------------------------------------
-def _lexical_top(matched: sp.csr_matrix, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row, the `depth` best matched passages (score > 0): (rows, cols, rank from 0), vectorised.
+def _lexical_top(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, n_rows: int, depth: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the `depth` best entries with score > 0 of COO (rows, cols, data): (rows, cols, data, rank).
 
-    Equal scores keep the lower column first.
+    Equal scores keep the lower column first (a total order, so merging the tops of corpus blocks
+    gives exactly the top of the whole corpus).
     """
-    rows = np.repeat(np.arange(matched.shape[0]), np.diff(matched.indptr))
-    cols, data = matched.indices, matched.data
     keep = data > 0
     rows, cols, data = rows[keep], cols[keep], data[keep]
     order = np.lexsort((cols, -data, rows))
-    rows, cols = rows[order], cols[order]
-    counts = np.bincount(rows, minlength=matched.shape[0])
+    rows, cols, data = rows[order], cols[order], data[order]
+    counts = np.bincount(rows, minlength=n_rows)
     rank = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
     top = rank < depth
-    return rows[top], cols[top], rank[top]
+    return rows[top], cols[top], data[top], rank[top]
 
 
 def _center_scale(mode: str, mean: np.ndarray, var: np.ndarray, low: np.ndarray,
@@ -359,21 +343,98 @@ def _normalise(values: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) 
     return torch.where(scale > 0, (values - center) / safe, torch.zeros_like(values))
 
 
-def _dense_stats(mode: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d64 = dense.double()
-    mean, var = d64.mean(1), d64.var(1, unbiased=False)
-    return _center_scale(mode, mean.numpy(), var.numpy(), d64.amin(1).numpy(), d64.amax(1).numpy())
+class _DenseStats:
+    """Per-query mean, population variance, min and max of the dense scores over every passage.
+
+    Accumulated tile by tile in float64 (Chan et al.'s pairwise update), so the numbers match a
+    float64 reduction over the whole row.
+    """
+
+    def __init__(self, n_queries: int, device: torch.device) -> None:
+        self.count = torch.zeros(n_queries, dtype=torch.float64, device=device)
+        self.mean = torch.zeros_like(self.count)
+        self.m2 = torch.zeros_like(self.count)
+        self.low = torch.full_like(self.count, torch.inf)
+        self.high = torch.full_like(self.count, -torch.inf)
+
+    def update(self, q_rows: slice, tile: torch.Tensor) -> None:
+        t = tile.double()
+        n_b = t.shape[1]
+        mean_b = t.mean(1)
+        m2_b = ((t - mean_b[:, None]) ** 2).sum(1)
+        n_a = self.count[q_rows]
+        total = n_a + n_b
+        delta = mean_b - self.mean[q_rows]
+        self.mean[q_rows] += delta * n_b / total
+        self.m2[q_rows] += m2_b + delta ** 2 * n_a * n_b / total
+        self.count[q_rows] = total
+        self.low[q_rows] = torch.minimum(self.low[q_rows], t.amin(1))
+        self.high[q_rows] = torch.maximum(self.high[q_rows], t.amax(1))
+
+    def center_scale(self, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _center_scale(mode, self.mean.cpu().numpy(), (self.m2 / self.count).cpu().numpy(),
+                             self.low.cpu().numpy(), self.high.cpu().numpy())
 
 
-def _lexical_stats(mode: str, matched: sp.csr_matrix, constant: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-query statistics over ALL passages from the sparse part (absent terms score 0)."""
-    m64 = matched.astype(np.float64)
-    n_docs = matched.shape[1]
-    mean = np.asarray(m64.sum(axis=1)).ravel() / n_docs
-    var = np.asarray(m64.multiply(m64).sum(axis=1)).ravel() / n_docs - mean ** 2
-    low = m64.min(axis=1).toarray().ravel() + constant
-    high = m64.max(axis=1).toarray().ravel() + constant
-    return _center_scale(mode, mean + constant, var, low, high)
+class _LexicalStats:
+    """Per-query sum, sum of squares, min and max of the matched BM25 part over every passage (float64)."""
+
+    def __init__(self, n_queries: int) -> None:
+        self.count = np.zeros(n_queries)
+        self.total = np.zeros(n_queries)
+        self.squares = np.zeros(n_queries)
+        self.low = np.full(n_queries, np.inf)
+        self.high = np.full(n_queries, -np.inf)
+
+    def update(self, q_rows: slice, matched: np.ndarray) -> None:
+        m64 = matched.astype(np.float64)
+        self.count[q_rows] += m64.shape[1]
+        self.total[q_rows] += m64.sum(1)
+        self.squares[q_rows] += (m64 * m64).sum(1)
+        self.low[q_rows] = np.minimum(self.low[q_rows], m64.min(1))
+        self.high[q_rows] = np.maximum(self.high[q_rows], m64.max(1))
+
+    def center_scale(self, mode: str, constant: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        return _center_scale(mode, mean + constant, self.squares / self.count - mean ** 2,
+                             self.low + constant, self.high + constant)
+
+
+class _LexicalTop:
+    """Running top-`depth` matched passages (score > 0) per query, exact across corpus blocks."""
+
+    def __init__(self, n_queries: int, depth: int) -> None:
+        self.n_queries, self.depth = n_queries, depth
+        self.rows = self.cols = np.zeros(0, dtype=np.int64)
+        self.data = np.zeros(0, dtype=np.float32)
+        self.rank = np.zeros(0, dtype=np.int64)
+
+    def update(self, q_rows: slice, d_rows: slice, matched: np.ndarray) -> None:
+        if matched.shape[1] > self.depth:  # only entries at or above each row's depth-th value can qualify
+            threshold = np.partition(matched, -self.depth, axis=1)[:, -self.depth]
+            keep = matched >= threshold[:, None]
+        else:
+            keep = np.ones(matched.shape, dtype=bool)
+        keep &= matched > 0
+        r, c = np.nonzero(keep)
+        rows = np.concatenate([self.rows, r + q_rows.start])
+        cols = np.concatenate([self.cols, c + d_rows.start])
+        data = np.concatenate([self.data, matched[r, c]])
+        self.rows, self.cols, self.data, self.rank = _lexical_top(rows, cols, data, self.n_queries, self.depth)
+
+
+class _Pairs:
+    """Sparse (query, passage) -> value entries, read back tile by tile."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, values: torch.Tensor) -> None:
+        order = np.argsort(cols, kind="stable")
+        self.rows, self.cols, self.values = rows[order], cols[order], values[torch.from_numpy(order)]
+
+    def in_tile(self, q_rows: slice, d_rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lo, hi = np.searchsorted(self.cols, [d_rows.start, d_rows.stop])
+        pick = lo + np.flatnonzero((self.rows[lo:hi] >= q_rows.start) & (self.rows[lo:hi] < q_rows.stop))
+        return (torch.from_numpy(self.rows[pick] - q_rows.start), torch.from_numpy(self.cols[pick] - d_rows.start),
+                self.values[torch.from_numpy(pick)])
 
 
 class LexicalHybrid:
@@ -388,15 +449,13 @@ class LexicalHybrid:
     dense scores untouched, w = 1 the raw BM25 scores, so both ends are exactly one ranking.
 
     Two regimes, the same fused score on every passage they both score:
-    - corpus <= `full_max_docs` passages: every passage gets its fused score; a new tensor is
-      returned and `dense_scores` is not modified.
+    - corpus <= `full_max_docs` passages: every passage gets its fused score.
     - larger corpora: only the union of each query's dense top-`candidates` and BM25
-      top-`candidates` gets its fused score (normalisation statistics stay exact over the whole
-      corpus), every other passage gets a per-query floor below them; the result is written into
-      `dense_scores` in place so no second (n_queries, n_docs) matrix exists. `candidates` must be
-      >= the search's top_k (mteb: max(k_values) = 1000).
-    Memory beyond `dense_scores` (and the full-regime output): queries are processed in chunks of
-    max(1, work_mem_mb MiB // (32 bytes * n_docs)) rows, and the BM25 part of a chunk is sparse.
+      top-`candidates` gets its fused score, every other passage gets a per-query floor below
+      them. `candidates` must be >= the search's top_k (mteb: max(k_values) = 1000).
+    Normalisation statistics (and the RRF/union candidates) are exact over the whole corpus in
+    both: they come from a first pass over the score tiles. Memory: a few score tiles (the search's
+    plan) plus O(queries x candidates); the BM25 part of a tile is one sparse product.
 
     Args:
         weight: lexical weight w in [0, 1]; None = DEFAULT_WEIGHT (chosen on the TREC-DL pool).
@@ -408,18 +467,16 @@ class LexicalHybrid:
         candidates: per-list depth for RRF and for the large-corpus union.
         full_max_docs: corpora above this size use the union regime.
         rrf_k: the RRF constant.
-        work_mem_mb: working-memory budget per query chunk.
     """
 
     def __init__(self, weight: float | None = None, fusion: str | None = None, params: BM25Params | None = None,
                  bank: QueryBank | None = None, expand: bool = True, index_dir: str | Path | None = None,
-                 candidates: int = 1000, full_max_docs: int = 200_000, rrf_k: int = 60,
-                 work_mem_mb: int = 256) -> None:
+                 candidates: int = 1000, full_max_docs: int = 200_000, rrf_k: int = 60) -> None:
         if weight is not None and not 0.0 <= weight <= 1.0:
             raise ValueError(f"lexical weight must be in [0, 1] (dense weight is 1 - w), got {weight}")
         if fusion is not None and fusion not in FUSION_MODES:
             raise ValueError(f"lexical fusion {fusion!r} unknown; choose one of {FUSION_MODES}")
-        for name, value in (("candidates", candidates), ("rrf_k", rrf_k), ("work_mem_mb", work_mem_mb)):
+        for name, value in (("candidates", candidates), ("rrf_k", rrf_k)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if full_max_docs < 0:
@@ -434,7 +491,6 @@ class LexicalHybrid:
         self.candidates = candidates
         self.full_max_docs = full_max_docs
         self.rrf_k = rrf_k
-        self.work_mem_mb = work_mem_mb
         self.tag = f"bm25{'x' if self.bank is not None else ''}-{self.fusion}{self.weight:g}"
         self.lexical: LexicalIndex | None = None
         self._fitted_ids: list[str] | None = None
@@ -478,85 +534,97 @@ class LexicalHybrid:
         if folder is not None:
             self.lexical.save(folder)
 
-    def _check(self, queries: QueryBatch, dense_scores: torch.Tensor, index: CorpusIndex) -> LexicalIndex:
+    def _check(self, index: CorpusIndex) -> LexicalIndex:
         if self.lexical is None:
-            raise RuntimeError("LexicalHybrid.fit(index) must run before fuse()")
+            raise RuntimeError("LexicalHybrid.fit(index) must run before fuser()")
         if index.ids is not self._fitted_ids and list(index.ids) != self.lexical.ids:
-            raise ValueError(f"fuse() got a corpus ({len(index.ids)} passages) other than the one fit() "
+            raise ValueError(f"fuser() got a corpus ({len(index.ids)} passages) other than the one fit() "
                              f"indexed ({self.lexical.n_docs} passages)")
-        expected = (len(queries.texts), self.lexical.n_docs)
-        if tuple(dense_scores.shape) != expected:
-            raise ValueError(f"dense_scores has shape {tuple(dense_scores.shape)}, expected {expected} "
-                             "(queries x indexed passages)")
         return self.lexical
 
-    def fuse(self, queries: QueryBatch, dense_scores: torch.Tensor, index: CorpusIndex) -> torch.Tensor:
-        """(n_queries, n_docs) fused scores; see the class docstring for the two regimes."""
-        lexical = self._check(queries, dense_scores, index)
+    def fuser(self, queries: QueryBatch, index: CorpusIndex, dense_tiles: Callable[[], Iterator[Tile]]) -> TileFuser:
+        """Per tile, the fused scores (see the class docstring); one first pass over `dense_tiles()` when
+        the fusion needs corpus statistics or candidates (everything but w = 0 and full-regime w = 1)."""
+        lexical = self._check(index)
         query_matrix, no_terms = lexical.query_matrix(queries.texts)
         _warn_no_terms("query(ies)", queries.ids, no_terms,
                        "their lexical scores are 0 everywhere, so the hybrid ranks them by the dense "
                        "scores alone (with lexical weight 1 every passage ties at 0)")
-        if self.weight == 0.0:
-            return dense_scores
-        n_queries, n_docs = dense_scores.shape
+        w, n_queries, n_docs = self.weight, len(queries.ids), lexical.n_docs
+        constant = lexical.constant(query_matrix)
+
+        def bm25(q_rows: slice, d_rows: slice, device: torch.device) -> torch.Tensor:
+            matched = lexical.matched_block(query_matrix[q_rows], d_rows)
+            return torch.from_numpy(matched + constant[q_rows, None]).to(device)
+
+        if w == 0.0:
+            return lambda q_rows, d_rows, dense: dense
         union = n_docs > self.full_max_docs
-        out = dense_scores if union else torch.empty((n_queries, n_docs), dtype=torch.float32)
-        chunk = max(1, self.work_mem_mb * 2**20 // (32 * n_docs))
-        for start in tqdm(range(0, n_queries, chunk), desc="lexical fusion", disable=n_queries <= chunk):
-            rows = slice(start, start + chunk)
-            matched, constant = lexical.sparse_scores(query_matrix[rows])
-            dense = dense_scores[rows].float()
-            if union:
-                self._fuse_union(dense, matched, constant, out[rows])
-            else:
-                out[rows] = self._fuse_full(dense, matched, constant)
-        return out
+        if w == 1.0 and not union:
+            return lambda q_rows, d_rows, dense: bm25(q_rows, d_rows, dense.device)
 
-    def _fuse_full(self, dense: torch.Tensor, matched: sp.csr_matrix, constant: np.ndarray) -> torch.Tensor:
-        w = self.weight
-        if w == 1.0:
-            return torch.from_numpy(matched.toarray() + constant[:, None])
-        if self.fusion == "rrf":
-            fused = torch.zeros_like(dense)
-            depth = min(self.candidates, dense.shape[1])
-            ranks = torch.arange(depth, dtype=torch.float32).expand(dense.shape[0], depth)
-            fused.scatter_(1, torch.topk(dense, depth, dim=1).indices, (1 - w) / (self.rrf_k + 1 + ranks))
-            l_rows, l_cols, l_rank = _lexical_top(matched, depth)
-            fused[torch.from_numpy(l_rows), torch.from_numpy(l_cols)] += torch.from_numpy(
-                (w / (self.rrf_k + 1 + l_rank)).astype(np.float32))
-            return fused
-        lex = torch.from_numpy(matched.toarray() + constant[:, None])
-        return ((1 - w) * _normalise(dense, *_dense_stats(self.fusion, dense))
-                + w * _normalise(lex, *_lexical_stats(self.fusion, matched, constant)))
-
-    def _fuse_union(self, dense: torch.Tensor, matched: sp.csr_matrix, constant: np.ndarray,
-                    out: torch.Tensor) -> None:
-        """Fused scores on the union of dense and BM25 top-`candidates`, a floor elsewhere, into `out`."""
-        w, (n_rows, n_docs) = self.weight, dense.shape
         depth = min(self.candidates, n_docs)
-        d_cols = torch.topk(dense, depth, dim=1).indices.numpy()
-        d_keys = (np.arange(n_rows)[:, None] * n_docs + d_cols).ravel()
-        l_rows, l_cols, l_rank = _lexical_top(matched, depth)
-        l_keys = l_rows.astype(np.int64) * n_docs + l_cols
-        keys = np.unique(np.concatenate([d_keys, l_keys]))
-        rows, cols = np.divmod(keys, n_docs)
+        needs_top = union or (self.fusion == "rrf" and w < 1.0)
+        dense_stats = lexical_stats = dense_top = lexical_top = None
+        for q_rows, d_rows, dense in dense_tiles():  # the first pass: exact statistics and candidates
+            matched = lexical.matched_block(query_matrix[q_rows], d_rows)
+            if dense_stats is None:
+                dense_stats, lexical_stats = _DenseStats(n_queries, dense.device), _LexicalStats(n_queries)
+                if needs_top:
+                    dense_top, lexical_top = TopRows(n_queries, depth, dense.device), _LexicalTop(n_queries, depth)
+            dense_stats.update(q_rows, dense)
+            lexical_stats.update(q_rows, matched)
+            if needs_top:
+                dense_top.push(q_rows, d_rows, dense)
+                lexical_top.update(q_rows, d_rows, matched)
+        if dense_stats is None:
+            raise ValueError("the dense scores hold no tile: empty corpus or no queries")
+        device = dense_stats.mean.device
+        d_center = d_scale = l_center = l_scale = None
+        if self.fusion != "rrf":
+            d_center, d_scale = (t.to(device) for t in dense_stats.center_scale(self.fusion))
+            l_center, l_scale = (t.to(device) for t in lexical_stats.center_scale(self.fusion, constant))
+
+        rrf = None
         if self.fusion == "rrf" and w < 1.0:
-            values = np.zeros(len(keys))
-            values[np.searchsorted(keys, d_keys)] += (1 - w) / (self.rrf_k + 1 + np.tile(np.arange(depth), n_rows))
-            values[np.searchsorted(keys, l_keys)] += w / (self.rrf_k + 1 + l_rank)
-            fused = torch.from_numpy(values.astype(np.float32))
-        else:
-            lex = torch.from_numpy(np.asarray(matched[rows, cols], dtype=np.float32).ravel() + constant[rows])
-            if w == 1.0:
-                fused = lex
+            ranks = torch.arange(depth, dtype=torch.float32).expand(n_queries, depth)
+            d_rows_all = dense_top.rows.cpu().numpy().ravel()
+            rrf = _Pairs(np.concatenate([np.repeat(np.arange(n_queries), depth), lexical_top.rows]),
+                         np.concatenate([d_rows_all, lexical_top.cols]),
+                         torch.cat([((1 - w) / (self.rrf_k + 1 + ranks)).reshape(-1), torch.from_numpy(
+                             (w / (self.rrf_k + 1 + lexical_top.rank)).astype(np.float32))]))
+        candidates = floor = None
+        if union:
+            keys = np.unique(np.concatenate([
+                np.repeat(np.arange(n_queries, dtype=np.int64), depth) * n_docs + dense_top.rows.cpu().numpy().ravel(),
+                lexical_top.rows.astype(np.int64) * n_docs + lexical_top.cols]))
+            rows, cols = np.divmod(keys, n_docs)
+            candidates = _Pairs(rows, cols, torch.ones(len(keys), dtype=torch.bool))
+            l_low = torch.as_tensor(lexical_stats.low + constant, dtype=torch.float32, device=device).reshape(-1, 1)
+            if rrf is not None:  # every RRF score is >= 0
+                lowest = torch.zeros((n_queries, 1), device=device)
+            elif w == 1.0:
+                lowest = l_low
+            else:  # each query's smallest possible fused score
+                d_low = dense_stats.low.to(torch.float32).reshape(-1, 1)
+                lowest = (1 - w) * _normalise(d_low, d_center, d_scale) + w * _normalise(l_low, l_center, l_scale)
+            floor = lowest - 1.0
+
+        def fuse(q_rows: slice, d_rows: slice, dense: torch.Tensor) -> torch.Tensor:
+            if rrf is not None:
+                fused = torch.zeros_like(dense)
+                r, c, v = rrf.in_tile(q_rows, d_rows)
+                fused.index_put_((r.to(dense.device), c.to(dense.device)), v.to(dense.device), accumulate=True)
+            elif w == 1.0:
+                fused = bm25(q_rows, d_rows, dense.device)
             else:
-                t_rows, t_cols = torch.from_numpy(rows), torch.from_numpy(cols)
-                d_center, d_scale = _dense_stats(self.fusion, dense)
-                l_center, l_scale = _lexical_stats(self.fusion, matched, constant)
-                fused = ((1 - w) * _normalise(dense[t_rows, t_cols], d_center[t_rows, 0], d_scale[t_rows, 0])
-                         + w * _normalise(lex, l_center[t_rows, 0], l_scale[t_rows, 0]))
-        starts = np.searchsorted(rows, np.arange(n_rows))
-        floor = torch.from_numpy(np.minimum.reduceat(fused.numpy(), starts) - 1.0)
-        out[:] = floor[:, None].to(out.dtype)
-        out[torch.from_numpy(rows), torch.from_numpy(cols)] = fused.to(out.dtype)
+                fused = ((1 - w) * _normalise(dense, d_center[q_rows], d_scale[q_rows])
+                         + w * _normalise(bm25(q_rows, d_rows, dense.device), l_center[q_rows], l_scale[q_rows]))
+            if candidates is None:
+                return fused
+            keep = torch.zeros(fused.shape, dtype=torch.bool, device=fused.device)
+            r, c, _ = candidates.in_tile(q_rows, d_rows)
+            keep[r.to(fused.device), c.to(fused.device)] = True
+            return torch.where(keep, fused, floor[q_rows])
+
+        return fuse

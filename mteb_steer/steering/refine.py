@@ -3,7 +3,8 @@
 After IBM's task-aware-embedding-refinement: for every query take its top-k candidates under the
 current vectors, let a teacher score them, and run Adam on the query vector so that
 softmax(student similarity / T_s) over the candidates matches softmax(teacher score / T_t)
-(KL(teacher || student)). The search model then re-scores the whole corpus with the refined
+(KL(teacher || student)). Candidates come from a block-wise running top-k over the corpus, and
+only their vectors are read. The search model then re-scores the whole corpus with the refined
 vector, so documents the teacher never saw can move up too. Options beyond IBM (both off by
 default, which reproduces it): a few random documents mixed into the candidate set, and a
 squared-distance penalty that keeps the refined vector near the original.
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mteb_steer.blocks import TopRows, dense_tiles, mask_rows, plan_blocks
 from mteb_steer.steps import CorpusIndex, QueryBatch
 
 if TYPE_CHECKING:
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_BLOCK_ELEMENTS = 1 << 25  # query x document scores held at once while picking candidates (128 MiB in float32)
 _SUPPORTED_SIMILARITIES = ("cosine", "dot")
 
 
@@ -67,38 +68,49 @@ def candidate_similarity(queries: torch.Tensor, candidates: torch.Tensor, name: 
 
 
 def full_similarity(queries: torch.Tensor, docs: torch.Tensor, name: str) -> torch.Tensor:
-    """Similarity of every query to every document: (n, dim) x (m, dim) -> (n, m)."""
+    """Similarity of every query to every document of one block: (n, dim) x (m, dim) -> (n, m)."""
     if name == "cosine":
         queries = torch.nn.functional.normalize(queries, dim=-1)
         docs = torch.nn.functional.normalize(docs, dim=-1)
     return queries @ docs.T
 
 
-def select_candidates(queries: torch.Tensor, docs: torch.Tensor, name: str, top_k: int, n_random: int,
+def select_candidates(queries: torch.Tensor, docs: Any, name: str, top_k: int, n_random: int,
                       exclude_rows: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Candidate rows per query (n, top_k + n_random): its top_k documents, best first, then random others.
 
-    `exclude_rows` (n,) holds one row per query that may never be a candidate (the query's own
-    passage when the task ignores identical ids), -1 for none. Random documents are drawn without
-    replacement from the rest of the corpus, seeded by `generator`.
+    `docs` is any array of corpus rows (ndarray, memmap, tensor), scored block by block with a running
+    top-k (`mteb_steer.blocks`), so the corpus never sits on the device whole. `exclude_rows` (n,) holds
+    one row per query that may never be a candidate (the query's own passage when the task ignores
+    identical ids), -1 for none. Random documents are drawn without replacement from the rest of the
+    corpus, seeded by `generator` (CPU draws: the same on every device).
     """
-    chunk = max(1, _BLOCK_ELEMENTS // docs.shape[0])
-    out = []
-    for start in range(0, queries.shape[0], chunk):
-        sims = full_similarity(queries[start:start + chunk], docs, name)
-        if exclude_rows is not None:
-            own = exclude_rows[start:start + chunk]
-            hit = torch.nonzero(own >= 0).squeeze(1)
-            sims[hit, own[hit]] = -torch.inf
-        rows = torch.topk(sims, top_k, dim=1).indices
-        if n_random:
-            # draw random keys on the CPU generator (same draws on every device), mask the taken rows
-            keys = torch.rand(sims.shape, generator=generator, dtype=torch.float32).to(sims.device)
-            keys.scatter_(1, rows, -1.0)
-            keys[sims == -torch.inf] = -1.0
-            rows = torch.cat([rows, torch.topk(keys, n_random, dim=1).indices], dim=1)
-        out.append(rows)
-    return torch.cat(out)
+    plan = plan_blocks(queries.shape[0], len(docs), what="refinement candidates")
+    top = TopRows(queries.shape[0], top_k, queries.device, queries.dtype)
+    for q_rows, d_rows, scores in dense_tiles(lambda a, b: full_similarity(a, b, name), queries, docs, plan,
+                                              desc="refinement candidates"):
+        top.push(q_rows, d_rows, mask_rows(scores, q_rows, d_rows, exclude_rows))
+    if not n_random:
+        return top.rows
+    own = exclude_rows.cpu() if exclude_rows is not None else torch.full((queries.shape[0],), -1)
+    taken = top.rows.cpu()
+    extra = [_random_rows(len(docs), n_random, {*taken[i].tolist(), int(own[i])}, generator)
+             for i in range(queries.shape[0])]
+    return torch.cat([top.rows, torch.tensor(extra, dtype=torch.int64, device=queries.device)], dim=1)
+
+
+def _random_rows(n_docs: int, n: int, taken: set[int], generator: torch.Generator) -> list[int]:
+    """`n` distinct random rows of [0, n_docs) outside `taken`: draws with rejection, no corpus-sized work."""
+    out: list[int] = []
+    seen = set(taken)
+    while len(out) < n:
+        for row in torch.randint(n_docs, (2 * (n - len(out)) + 8,), generator=generator).tolist():
+            if row not in seen:
+                seen.add(row)
+                out.append(row)
+                if len(out) == n:
+                    break
+    return out
 
 
 def kl_divergence(target_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -190,14 +202,13 @@ class TestTimeRefinement:
         device = encoder.model.device
         dtype = torch.float64 if self.dtype == "float64" else torch.float32
         q0 = torch.as_tensor(np.asarray(queries.embeddings), dtype=dtype, device=device)
-        docs = torch.as_tensor(np.asarray(index.embeddings), dtype=dtype, device=device)
         exclude = None
         if self.ignore_identical_ids:
             exclude = torch.tensor([index.id_to_row.get(qid, -1) for qid in queries.ids], device=device)
 
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.seed)
-        rows = select_candidates(q0, docs, name, top_k, n_random, exclude, generator)
+        rows = select_candidates(q0, index.embeddings, name, top_k, n_random, exclude, generator)
         rows_np = rows.cpu().numpy()
         self.timings["candidates_s"] = time.perf_counter() - started
 
@@ -209,8 +220,10 @@ class TestTimeRefinement:
         self.timings["teacher_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
+        unique, inverse = np.unique(rows_np, return_inverse=True)  # only the candidates' vectors are read
+        vectors = torch.as_tensor(np.asarray(index.embeddings[unique]), dtype=dtype, device=device)
         refined, stats = refine_vectors(
-            q0, docs[rows], teacher_scores, similarity=name, steps=self.steps, lr=self.lr,
+            q0, vectors[torch.as_tensor(inverse.reshape(rows_np.shape), device=device)], teacher_scores, similarity=name, steps=self.steps, lr=self.lr,
             student_temperature=self.student_temperature, teacher_temperature=self.teacher_temperature,
             proximity=self.proximity, kl_tol=self.kl_tol,
         )

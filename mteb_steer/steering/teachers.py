@@ -24,7 +24,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +37,7 @@ import torch
 from mteb.types import PromptType
 from tqdm.auto import tqdm
 
+from mteb_steer.blocks import dense_tiles, gather_pairs, plan_blocks
 from mteb_steer.identity import stable_hash
 from mteb_steer.steering.banks import QueryBank
 from mteb_steer.steering.generation import (
@@ -52,7 +53,7 @@ from mteb_steer.steering.generation import (
 from mteb_steer.steering.lexical import LexicalHybrid, identical_id_mask, lexical_scores
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
 from mteb_steer.steering.refine import candidate_similarity, similarity_name
-from mteb_steer.steps import CorpusIndex, QueryBatch, Step
+from mteb_steer.steps import CorpusIndex, QueryBatch, Step, Tile
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -429,7 +430,8 @@ class LexicalTeacher:
     With `hybrid.weight == 1` the scores are plain BM25 over the passages (expanded with their
     own generated queries when the hybrid has a bank). With a lower weight they are the hybrid's
     fused scores (per-query normalised over the whole corpus), whose dense side is `encoder`
-    (the student's own model: the teacher adds lexical evidence to what the student sees).
+    (the student's own model: the teacher adds lexical evidence to what the student sees),
+    computed tile by tile and read at the candidates only.
 
     ignore_identical_ids: the query's own passage gets -inf (zero teacher mass), as mteb drops it
     from results (ArguAna, where it dominates the lexical scores); take the task's flag.
@@ -462,10 +464,18 @@ class LexicalTeacher:
         if self.encoder is None:
             return lexical_scores(self.hybrid.lexical, query_texts, candidate_rows, own_ids).astype(np.float64)
         vectors = self.encoder.embed(list(query_texts), PromptType.query)
-        dense = torch.as_tensor(self.encoder.similarity(vectors, index.embeddings), dtype=torch.float32)
         batch = QueryBatch(ids=list(query_ids), texts=list(query_texts), embeddings=vectors)
-        fused = self.hybrid.fuse(batch, dense, index)
-        out = torch.gather(fused, 1, torch.as_tensor(candidate_rows, dtype=torch.int64)).double().numpy()
+        plan = plan_blocks(len(batch.ids), len(index.ids), what="hybrid teacher")
+        queries = torch.as_tensor(vectors, dtype=torch.float32, device=self.encoder.model.device)
+
+        def dense() -> Iterator[Tile]:
+            return dense_tiles(self.encoder.similarity, queries, index.embeddings, plan, desc="hybrid teacher")
+
+        fuse = self.hybrid.fuser(batch, index, dense)
+        rows = np.asarray(candidate_rows, dtype=np.int64)
+        query_idx = np.repeat(np.arange(rows.shape[0]), rows.shape[1])
+        fused = ((q_rows, d_rows, fuse(q_rows, d_rows, scores)) for q_rows, d_rows, scores in dense())
+        out = gather_pairs(fused, query_idx, rows.ravel()).reshape(rows.shape).astype(np.float64)
         if own_ids is not None:
             out[identical_id_mask(own_ids, candidate_rows, index.ids)] = -np.inf
         return out
