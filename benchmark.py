@@ -2,6 +2,7 @@
 """Benchmark: base models x steering configurations x tasks, through the path users use.
 
     python benchmark.py [--data-root DIR] [--quick] [--only PATTERN ...]
+    python benchmark.py --scale [scale options]   # block-wise search at 100k / 1M / 8.8M passages
 
 Every cell is a `SteerConfig` built into a model by `mteb_steer.pipeline.build_model` and
 evaluated by `mteb_steer.results.evaluate_tasks` (mteb.evaluate + mteb's ResultCache) into
@@ -827,6 +828,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scale" in argv:  # the synthetic scale benchmark (issue 12): its own script and options
+        from scripts.scale_benchmark import main as scale_main
+
+        return scale_main([a for a in argv if a != "--scale"])
     args = parse_args(argv)
     if not args.online:
         os.environ["HF_HUB_OFFLINE"] = "1"
