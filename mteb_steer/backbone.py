@@ -17,6 +17,8 @@ from pathlib import Path
 import mteb
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
+from mteb_steer.encoding import Encoding, load_model
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -164,8 +166,20 @@ def check_device(device: str | None) -> str:
     return device
 
 
-def load_sentence_transformer(source: str, device: str | None = None):
-    """Load the frozen model; `device` is validated first so a typo fails before any weights load."""
-    from sentence_transformers import SentenceTransformer
+def check_encoding(device: str | None, encoding: Encoding) -> str:
+    """The device `encoding` runs on (CPU for onnx/openvino when none is given); raises on a combination
+    that cannot run there (half precision on a CPU, onnx on a GPU), before any weights load."""
+    device = check_device(device if device is not None or encoding.backend == "torch" else "cpu")
+    encoding.check_device(device)
+    return device
 
-    return SentenceTransformer(source, device=check_device(device))
+
+def load_sentence_transformer(source: str, device: str | None = None, encoding: Encoding | None = None,
+                              meta: ModelMeta | None = None):
+    """Load the frozen model; `device` and `encoding` are checked first so a typo fails before any weights load.
+
+    A non-torch `encoding` exports the model once (named by `meta`) into the backend cache.
+    """
+    encoding = encoding or Encoding()
+    device = check_encoding(device, encoding)
+    return load_model(source, device, encoding, meta.name if meta else source, meta.revision if meta else None)

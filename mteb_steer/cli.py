@@ -14,6 +14,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mteb_steer.embedding_cache import STORAGE_DTYPES
+from mteb_steer.encoding import BACKENDS, DTYPES
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -29,6 +32,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--embedding-cache", default=os.environ.get("MTEB_STEER_EMBEDDING_CACHE"),
                         help="folder to reuse base embeddings across configurations")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
+                        help="inference backend: torch, or onnx / openvino on a CPU (exported once, offline); "
+                             "anything but torch float32 is filed as its own model")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="compute precision: float32; float16 / bfloat16 with torch on a GPU; "
+                             "int8 with onnx (dynamic) or openvino (static) quantisation")
+    parser.add_argument("--embedding-storage", choices=list(STORAGE_DTYPES), default="float32",
+                        help="precision of the stored (memory-mapped) corpus vectors; float16 halves disk and memory")
     parser.add_argument("--data-root", default=None,
                         help="folder holding local BEIR copies (scifact/, arguana/, ...); "
                              "default $MTEB_STEER_DATA_ROOT or ../shared/datasets")
@@ -141,7 +152,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         task.load_data()
     config = SteerConfig(
         model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
-        query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
+        backend=args.backend, dtype=args.dtype, embedding_storage=args.embedding_storage, query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
         llm_model=args.llm_model, llm_mode=args.llm_mode, num_queries=args.num_queries, llm_cache_dir=args.cache_dir,
         query_style=args.query_style, adapter=args.adapter, refine_teacher=args.refine_teacher, refine_top_k=args.refine_top_k,
         refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,
@@ -199,7 +210,8 @@ def _train_adapter(args: argparse.Namespace) -> int:
     train_config = AdapterTrainConfig(loss=args.loss, rank=args.rank, epochs=args.epochs, seed=args.seed)
     pairs = training_pairs(args.data, args.split, query_bank=args.query_bank, data_root=args.data_root)
     encoder = build_encoder(SteerConfig(model=args.model, device=args.device, batch_size=args.batch_size,
-                                        embedding_cache=args.embedding_cache))
+                                        embedding_cache=args.embedding_cache, backend=args.backend,
+                                        dtype=args.dtype, embedding_storage=args.embedding_storage))
     adapter, history = train_adapter(encoder, pairs, train_config)
     folder = adapter.save(args.out)
     print(f"adapter {adapter.tag} -> {folder} ({len(history.epochs)} epochs)")

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
+from tqdm.auto import tqdm
 
 from mteb_steer.backbone import Backbone, load_sentence_transformer, resolve_backbone
 from mteb_steer.embedding_cache import CACHE_ENV, EmbeddingCache
-from mteb_steer.identity import steered_meta
+from mteb_steer.encoding import Encoding
+from mteb_steer.identity import encoding_meta, steered_meta
 from mteb_steer.steps import QueryTransform
 
 if TYPE_CHECKING:
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Texts per model call while streaming a corpus into the cache: one block holds ~50 MB of
+# 384-dim vectors. SciFact and ArguAna fit in one block, so their vectors equal one-call encoding.
+ENCODE_CHUNK = 32_768
 
 
 def passage_text(title: str | None, text: str | None) -> str:
@@ -59,6 +64,8 @@ class SteerEncoder(AbsEncoder):
         query_transforms: steps applied to query embeddings only (corpus vectors untouched).
         batch_size: default encoding batch size.
         cache_dir: folder for base-embedding reuse (also `$MTEB_STEER_EMBEDDING_CACHE`); None disables.
+        dtype, backend, embedding_storage: the `Encoding` (torch float32 stored as float32 by default);
+            anything else gives the model another identity (`identity.encoding_meta`).
     """
 
     def __init__(
@@ -71,52 +78,88 @@ class SteerEncoder(AbsEncoder):
         batch_size: int = 32,
         cache_dir: str | os.PathLike | None = None,
         backbone: Backbone | None = None,
+        dtype: str = "float32",
+        backend: str = "torch",
+        embedding_storage: str = "float32",
         **kwargs: Any,
     ) -> None:
+        self.encoding = Encoding(backend=backend, dtype=dtype, storage=embedding_storage)  # checked before loading
         self.backbone = backbone or resolve_backbone(model_name)
-        self.model = load_sentence_transformer(self.backbone.source, device)
+        self.model = load_sentence_transformer(self.backbone.source, device, self.encoding, self.backbone.meta)
         self.query_transforms = list(query_transforms)
         self.batch_size = batch_size
         cache_dir = cache_dir or os.environ.get(CACHE_ENV)
         self.cache = EmbeddingCache(cache_dir) if cache_dir else None
-        self.mteb_model_meta = steered_meta(self.backbone.meta, self.query_transforms)
+        self._base_meta = encoding_meta(self.backbone.meta, self.encoding)
+        self.mteb_model_meta = steered_meta(self._base_meta, self.query_transforms)
 
     @property
-    def base_meta(self):
-        return self.backbone.meta
+    def base_meta(self) -> ModelMeta:
+        """The unsteered model's identity: the backbone's, or its encoding variant (see `encoding_meta`)."""
+        return self._base_meta
 
     # -- the one place texts become vectors -------------------------------------------------
     @staticmethod
-    def cache_key(base_meta: ModelMeta, kind: str, texts: list[str]) -> str:
-        """The embedding-cache key of `texts` embedded as `kind` ("query"/"document") by that base model."""
-        return EmbeddingCache.key(f"{base_meta.name}@{base_meta.revision}", kind, texts)
+    def cache_key(base_meta: ModelMeta, kind: str, texts: list[str], storage: str = "float32") -> str:
+        """The embedding-cache key of `texts` embedded as `kind` ("query"/"document") by that base model.
+
+        `base_meta` (from `base_meta`) names backend and dtype; `storage` the stored precision.
+        """
+        return EmbeddingCache.key(f"{base_meta.name}@{base_meta.revision}", kind, texts, storage)
 
     def embed(self, texts: list[str], prompt_type: PromptType | None, *, batch_size: int | None = None,
-              show_progress_bar: bool = False, apply_transforms: bool = True) -> np.ndarray:
-        """Embed texts as queries or documents (float32, shape (len(texts), dim)).
+              show_progress_bar: bool = False, apply_transforms: bool = True, upcast: bool = True) -> np.ndarray:
+        """Embed texts as queries or documents, shape (len(texts), dim).
 
-        Base vectors come from the cache when possible; query transforms are applied after it,
-        so one cached base run serves every adapter.
+        Base vectors come from the cache when possible (memory-mapped, copy-on-write); query
+        transforms are applied after it, so one cached base run serves every adapter. Documents
+        are rounded to the encoding's storage dtype whether cached or not (results never depend
+        on the cache); `upcast=False` returns them in that dtype (a float16 memory map stays one),
+        else float32.
         """
         kind = "query" if prompt_type == PromptType.query else "document"
-        base = None
+        storage = self.encoding.storage if kind == "document" else "float32"
+        key = base = None
         if self.cache is not None and texts:
-            key = self.cache_key(self.base_meta, kind, texts)
-            base = self.cache.get(key)
+            key = self.cache_key(self.base_meta, kind, texts, storage)
+            base = self.cache.get(key, rows=len(texts))
         if base is None:
-            encode = self.model.encode_query if kind == "query" else self.model.encode_document
-            if texts:
-                base = encode(texts, batch_size=batch_size or self.batch_size, convert_to_numpy=True,
-                              show_progress_bar=show_progress_bar)
-            else:
-                base = np.zeros((0, self.model.get_sentence_embedding_dimension()))
-            base = np.asarray(base, dtype=np.float32)
-            if self.cache is not None and texts:
-                self.cache.put(key, base)
+            base = self._encode(texts, kind, batch_size or self.batch_size, show_progress_bar, storage, key)
+        if upcast and base.dtype != np.float32:
+            base = base.astype(np.float32)
         if kind == "query" and apply_transforms:
             for step in self.query_transforms:
                 base = np.asarray(step.transform_queries(base), dtype=np.float32)
         return base
+
+    def _encode(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: bool, storage: str,
+                key: str | None) -> np.ndarray:
+        """Run the model; with a cache `key`, stream blocks of `ENCODE_CHUNK` texts into the cache file."""
+        if not texts:
+            return np.zeros((0, self.model.get_sentence_embedding_dimension()), dtype=np.float32)
+        encode = self.model.encode_query if kind == "query" else self.model.encode_document
+        starts = range(0, len(texts), ENCODE_CHUNK)
+        inner_bar = show_progress_bar and len(starts) == 1
+
+        def block(start: int) -> np.ndarray:
+            return np.asarray(encode(texts[start:start + ENCODE_CHUNK], batch_size=batch_size, convert_to_numpy=True,
+                                     show_progress_bar=inner_bar), dtype=np.float32)
+
+        if key is None or self.cache is None:
+            parts = [block(s).astype(storage, copy=False) for s in starts]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        first = block(0)
+        with self.cache.writer(key, len(texts), first.shape[1], storage) as out, \
+                tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text",
+                     disable=not show_progress_bar or inner_bar) as bar:
+            for start in starts:
+                out[start:start + ENCODE_CHUNK] = first if start == 0 else block(start)
+                bar.update(min(ENCODE_CHUNK, len(texts) - start))
+            del first
+        stored = self.cache.get(key, rows=len(texts))
+        if stored is None:
+            raise RuntimeError(f"embedding cache {self.cache.folder}: {key}.npy vanished right after writing")
+        return stored
 
     # -- mteb 2.x EncoderProtocol --------------------------------------------------------------
     def encode(

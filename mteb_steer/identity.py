@@ -19,6 +19,8 @@ from mteb_steer.steps import Step
 if TYPE_CHECKING:  # only annotations: keeps `stable_hash` importable without loading mteb (seconds)
     from mteb.models.model_meta import ModelMeta
 
+    from mteb_steer.encoding import Encoding
+
 ORG = "mteb-steer"
 
 
@@ -72,6 +74,31 @@ def steered_meta(base: ModelMeta, steps: Sequence[Step]) -> ModelMeta:
             "revision": stable_hash(config),
             "adapted_from": base.name,
             "training_datasets": training or None,
+            "reference": None,
+            "experiment_kwargs": None,
+        }
+    )
+
+
+def encoding_meta(base: ModelMeta, encoding: Encoding) -> ModelMeta:
+    """The ModelMeta of `base` run with `encoding`; `base` itself for the default (torch float32).
+
+    Another backend or precision gives other vectors, hence another identity:
+    name `mteb-steer/<base model>-<encoding tag>` (e.g. `all-MiniLM-L6-v2-onnx-int8`), revision
+    the hash of the base name and revision plus `encoding.describe()`, `adapted_from` the base.
+    Steered variants build on this meta, so their names and revisions carry the encoding too.
+    """
+    if encoding.is_default:
+        return base
+    short = (base.name or "model").split("/")[-1]
+    config = {"base": base.name, "base_revision": base.revision, "encoding": encoding.describe()}
+    return base.model_copy(
+        update={
+            "loader": None,
+            "loader_kwargs": {"encoding": encoding.describe()},  # written to model_meta.json by mteb
+            "name": f"{ORG}/{short}-{_safe_tag(encoding.tag)}",
+            "revision": stable_hash(config),
+            "adapted_from": base.name,
             "reference": None,
             "experiment_kwargs": None,
         }

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mteb_steer.backbone import check_device
+from mteb_steer.backbone import check_encoding
 from mteb_steer.encoder import SteerEncoder
+from mteb_steer.encoding import Encoding
 from mteb_steer.search import SteerSearch
 
 
@@ -24,6 +25,10 @@ class SteerConfig:
     device: str | None = None
     batch_size: int = 32
     embedding_cache: str | None = None
+    # encoding (issue 12): torch | onnx | openvino; float32 | float16 | bfloat16 (torch, GPU) | int8 (onnx, openvino)
+    backend: str = "torch"
+    dtype: str = "float32"
+    embedding_storage: str = "float32"  # float32 | float16: precision of the stored corpus vectors
     # corpus steering (issue 3): a query bank file/folder, or generation through an LLM endpoint
     query_bank: str | None = None
     fusion: str | None = None  # mean | sum | rotate
@@ -58,14 +63,15 @@ class SteerConfig:
 
 def build_encoder(config: SteerConfig) -> SteerEncoder:
     """Base model + query transforms (the adapter), validated before weights load."""
-    check_device(config.device)
+    check_encoding(config.device, Encoding(config.backend, config.dtype, config.embedding_storage))
     transforms = []
     if config.adapter:
         from mteb_steer.steering.adapter import QueryAdapter
 
         transforms.append(QueryAdapter.load(config.adapter))
     return SteerEncoder(config.model, device=config.device, batch_size=config.batch_size,
-                        cache_dir=config.embedding_cache, query_transforms=transforms)
+                        cache_dir=config.embedding_cache, query_transforms=transforms, backend=config.backend,
+                        dtype=config.dtype, embedding_storage=config.embedding_storage)
 
 
 def _gen_config(config: SteerConfig, **overrides: Any):
