@@ -3,6 +3,7 @@
 
     python benchmark.py [--data-root DIR] [--quick] [--only PATTERN ...]
     python benchmark.py --scale [scale options]   # block-wise search at 100k / 1M / 8.8M passages
+    python benchmark.py --encoding-backends [ARG ...]   # CPU encoding backends only (scripts/encoding_backends.py)
 
 Every cell is a `SteerConfig` built into a model by `mteb_steer.pipeline.build_model` and
 evaluated by `mteb_steer.results.evaluate_tasks` (mteb.evaluate + mteb's ResultCache) into
@@ -819,6 +820,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-slow", action="store_true",
                         help=f"on CPU, also run cells whose corpus encoding would exceed {CPU_BUDGET_MIN} min "
                              "(all-mpnet-base-v2 on ArguAna and the TREC-DL pool)")
+    parser.add_argument("--encoding-backends", nargs=argparse.REMAINDER, default=None, metavar="ARG",
+                        help="only run scripts/encoding_backends.py (CPU backends: throughput and nDCG@10 vs torch "
+                             "float32), passing any ARGs after the flag on to it")
     parser.add_argument("--online", action="store_true",
                         help="allow Hugging Face hub downloads, so comparators can be measured (default: offline)")
     args = parser.parse_args(argv)
@@ -834,6 +838,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return scale_main([a for a in argv if a != "--scale"])
     args = parse_args(argv)
+    if args.encoding_backends is not None:
+        return subprocess.call([sys.executable, str(REPO / "scripts" / "encoding_backends.py"),
+                                *(["--data-root", args.data_root] if args.data_root else []),
+                                *(["--output-folder", args.output_folder] if args.output_folder else []),
+                                "--embedding-cache", args.embedding_cache, *args.encoding_backends])
     if not args.online:
         os.environ["HF_HUB_OFFLINE"] = "1"
     from tqdm.auto import tqdm

@@ -36,7 +36,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference backend: torch, or onnx / openvino on a CPU (exported once, offline); "
                              "anything but torch float32 is filed as its own model")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="compute precision: float32; float16 / bfloat16 with torch on a GPU; "
+                        help="compute precision: float32; float16 with torch on a GPU; bfloat16 with torch "
+                             "(GPU, or a CPU with bf16 units); "
                              "int8 with onnx (dynamic) or openvino (static) quantisation")
     parser.add_argument("--embedding-storage", choices=list(STORAGE_DTYPES), default="float32",
                         help="precision of the stored (memory-mapped) corpus vectors; float16 halves disk and memory")

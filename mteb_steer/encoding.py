@@ -51,7 +51,8 @@ class Encoding:
 
     Args:
         backend: "torch" (default), "onnx" or "openvino" (the latter two CPU only).
-        dtype: compute precision: float32 everywhere; float16/bfloat16 for torch on a GPU;
+        dtype: compute precision: float32 everywhere; float16 for torch on a GPU; bfloat16 for
+            torch on a GPU or a CPU (fast only on CPUs with bf16 units, e.g. AVX512-BF16 / AMX);
             int8 for onnx (dynamic quantisation) and openvino (static quantisation calibrated
             on a fixed set of generic sentences, no evaluation data).
         storage: dtype corpus vectors are kept in (cache and memory map): float32 or float16.
@@ -97,9 +98,10 @@ class Encoding:
         if self.backend != "torch" and kind != "cpu":
             raise ValueError(f"backend {self.backend!r} runs on the CPU only (device {device!r} given); "
                              "use --backend torch for a GPU")
-        if self.backend == "torch" and self.dtype in {"float16", "bfloat16"} and kind == "cpu":
-            raise ValueError(f"--dtype {self.dtype} needs a GPU (device is {device!r}); "
-                             "for faster CPU encoding use --backend onnx or --backend openvino")
+        if self.backend == "torch" and self.dtype == "float16" and kind == "cpu":
+            raise ValueError(f"--dtype float16 needs a GPU (device is {device!r}): CPU kernels for float16 are "
+                             "missing or emulated; on a CPU use --dtype bfloat16 (fast where the CPU has bf16 "
+                             "units), --backend onnx or --backend openvino")
 
 
 def load_model(source: str, device: str, encoding: Encoding, name: str, revision: str | None):

@@ -46,7 +46,7 @@ def test_every_encoding_has_its_own_identity_and_cache_key():
     ({"dtype": "int8"}, "dtype 'int8' is not available with backend 'torch'"),
     ({"embedding_storage": "int8"}, "unknown embedding storage dtype 'int8'"),
     ({"device": "cpu", "dtype": "float16"}, "--dtype float16 needs a GPU"),
-    ({"device": "cpu", "dtype": "bfloat16"}, "--dtype bfloat16 needs a GPU"),
+    ({"device": "cpu", "backend": "onnx", "dtype": "int8", "embedding_storage": "float64"}, "storage dtype 'float64'"),
 ])
 def test_bad_encodings_fail_before_anything_loads(kwargs, match):
     from mteb_steer.pipeline import SteerConfig, build_encoder
@@ -65,6 +65,13 @@ def test_cli_rejects_unknown_backend_and_dtype(capsys):
         assert "invalid choice" in capsys.readouterr().err
     args = build_parser().parse_args(["evaluate", "--backend", "onnx", "--dtype", "int8"])
     assert (args.backend, args.dtype, args.embedding_storage) == ("onnx", "int8", "float32")
+
+
+def test_benchmark_runs_the_encoding_backends_script(capfd):
+    import benchmark
+
+    assert benchmark.main(["--encoding-backends", "--help"]) == 0
+    assert "Encoding throughput and nDCG@10 of each CPU backend" in capfd.readouterr().out
 
 
 def test_float16_storage_rounds_documents_whether_cached_or_not(encoder, tmp_path):
