@@ -153,7 +153,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         task.load_data()
     config = SteerConfig(
         model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
-        backend=args.backend, dtype=args.dtype, embedding_storage=args.embedding_storage, query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
+        backend=args.backend, dtype=args.dtype, embedding_storage=args.embedding_storage,
+        query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
         llm_model=args.llm_model, llm_mode=args.llm_mode, num_queries=args.num_queries, llm_cache_dir=args.cache_dir,
         query_style=args.query_style, adapter=args.adapter, refine_teacher=args.refine_teacher, refine_top_k=args.refine_top_k,
         refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,

@@ -17,7 +17,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
 from tqdm.auto import tqdm
 
-from mteb_steer.backbone import Backbone, load_sentence_transformer, resolve_backbone
+from mteb_steer.backbone import Backbone, check_encoding, load_sentence_transformer, resolve_backbone
 from mteb_steer.embedding_cache import CACHE_ENV, EmbeddingCache
 from mteb_steer.encoding import Encoding
 from mteb_steer.identity import encoding_meta, steered_meta
@@ -83,7 +83,8 @@ class SteerEncoder(AbsEncoder):
         embedding_storage: str = "float32",
         **kwargs: Any,
     ) -> None:
-        self.encoding = Encoding(backend=backend, dtype=dtype, storage=embedding_storage)  # checked before loading
+        self.encoding = Encoding(backend=backend, dtype=dtype, storage=embedding_storage)
+        device = check_encoding(device, self.encoding)  # before the model is resolved or loaded
         self.backbone = backbone or resolve_backbone(model_name)
         self.model = load_sentence_transformer(self.backbone.source, device, self.encoding, self.backbone.meta)
         self.query_transforms = list(query_transforms)
@@ -148,14 +149,16 @@ class SteerEncoder(AbsEncoder):
         if key is None or self.cache is None:
             parts = [block(s).astype(storage, copy=False) for s in starts]
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
-        first = block(0)
+        first = block(0)  # its width sizes the file
         with self.cache.writer(key, len(texts), first.shape[1], storage) as out, \
                 tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text",
                      disable=not show_progress_bar or inner_bar) as bar:
-            for start in starts:
-                out[start:start + ENCODE_CHUNK] = first if start == 0 else block(start)
-                bar.update(min(ENCODE_CHUNK, len(texts) - start))
+            out[:len(first)] = first
+            bar.update(len(first))
             del first
+            for start in starts[1:]:
+                out[start:start + ENCODE_CHUNK] = block(start)
+                bar.update(min(ENCODE_CHUNK, len(texts) - start))
         stored = self.cache.get(key, rows=len(texts))
         if stored is None:
             raise RuntimeError(f"embedding cache {self.cache.folder}: {key}.npy vanished right after writing")
