@@ -825,6 +825,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "float32), passing any ARGs after the flag on to it")
     parser.add_argument("--online", action="store_true",
                         help="allow Hugging Face hub downloads, so comparators can be measured (default: offline)")
+    parser.add_argument("--faults", action="store_true",
+                        help="run the fault suite instead (scripts/fault_suite.py): RELIABILITY.md + "
+                             "results/reliability/faults.json")
     args = parser.parse_args(argv)
     if args.quick and args.timing_docs is None:
         args.timing_docs = QUICK_TIMING_DOCS
@@ -843,6 +846,11 @@ def main(argv: list[str] | None = None) -> int:
                                 *(["--data-root", args.data_root] if args.data_root else []),
                                 *(["--output-folder", args.output_folder] if args.output_folder else []),
                                 "--embedding-cache", args.embedding_cache, *args.encoding_backends])
+    if args.faults:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+        from fault_suite import main as fault_suite
+
+        return fault_suite([])
     if not args.online:
         os.environ["HF_HUB_OFFLINE"] = "1"
     from tqdm.auto import tqdm

@@ -146,10 +146,24 @@ def resolve_backbone(model: str | None = None) -> Backbone:
         meta = mteb.get_model_meta(name)
     except Exception:  # not in the registry: a plain hub SentenceTransformer
         meta = None
+    if name not in _OFFLINE_SOURCES:
+        _check_hub_model(name)
     source = _OFFLINE_SOURCES[name]() if name in _OFFLINE_SOURCES else name
     if meta is None:
         meta = _folder_meta(Path(source)) if Path(source).is_dir() else plain_meta(name, None)
     return Backbone(source, meta)
+
+
+def _check_hub_model(name: str) -> None:
+    """A hub model needs network unless the hub cache holds it: say so at once, with the local way."""
+    from mteb_steer.hub import hub_cache_has, hub_offline_reason
+
+    if hub_cache_has(name):
+        return
+    reason = hub_offline_reason()
+    if reason:
+        raise ValueError(f"model {name!r} is not available offline ({reason}): hub models need network; give a "
+                         f"local SentenceTransformer folder with -m PATH, or omit -m for the bundled {DEFAULT_MODEL}")
 
 
 def check_device(device: str | None) -> str:

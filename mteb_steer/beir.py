@@ -8,9 +8,13 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
 
 
 class DataFolderError(ValueError):
@@ -99,4 +103,38 @@ def load_beir_split(folder: str | Path, split: str) -> BeirSplit:
             f"{qrels_path}: {len(missing)} query id(s) absent from {queries_path.name}, e.g. {missing[:3]}"
         )
     queries = [{"id": qid, "text": all_queries[qid]} for qid in all_queries if qid in qrels]
+    warn_unknown_documents(qrels_path, qrels, {row["id"] for row in corpus})
     return BeirSplit(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def warn_unknown_documents(qrels_path: Path, qrels: dict[str, dict[str, int]], corpus_ids: set[str]) -> int:
+    """Warn (never fail: mteb's own ArguAna has 5 such rows) about qrels rows naming no corpus document.
+
+    Such a row can never be retrieved, so it lowers every model's score alike; a folder where most
+    rows are like that is almost surely mismatched. Returns the number of such rows.
+    """
+    unknown = [(qid, doc) for qid, docs in qrels.items() for doc in docs if doc not in corpus_ids]
+    if unknown:
+        total = sum(len(docs) for docs in qrels.values())
+        logger.warning("%s: %d of %d qrels rows name documents absent from the corpus (e.g. query %r -> %r); "
+                       "they count as unretrievable", qrels_path, len(unknown), total, *unknown[0])
+    return len(unknown)
+
+
+def write_beir_slice(source: Path, target: Path, split: str, n_queries: int, n_extra_docs: int,
+                     must_include: set[str] = frozenset()) -> Path:
+    """A small real BEIR folder cut from `source`: the first `n_queries` queries of `split`, their
+    relevant docs, the first `n_extra_docs` corpus docs, and any ids in `must_include` (tests, fault suite)."""
+    qrels = read_qrels(source / "qrels" / f"{split}.tsv")
+    qids = list(qrels)[:n_queries]
+    wanted = {d for q in qids for d in qrels[q]} | set(must_include)
+    corpus = [r for i, r in enumerate(read_jsonl(find_file(source, "corpus")))
+              if i < n_extra_docs or r["_id"] in wanted]
+    queries = [r for r in read_jsonl(find_file(source, "queries")) if r["_id"] in set(qids)]
+    (target / "qrels").mkdir(parents=True)
+    with gzip.open(target / "corpus.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in corpus)
+    (target / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    rows = [f"{q}\t{d}\t{s}\n" for q in qids for d, s in qrels[q].items()]
+    (target / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
+    return target

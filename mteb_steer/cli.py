@@ -20,8 +20,41 @@ from mteb_steer.encoding import BACKENDS, DTYPES
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _float_or_auto(value: str) -> float | str:
-    return "auto" if value == "auto" else float(value)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (naming the flag and where help is) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(low: float | None = None, high: float | None = None, *, auto: bool = False, integer: bool = False,
+            strict_low: bool = False):
+    """An argparse type: a number in [low, high] ((low, high] with strict_low), or 'auto' when allowed."""
+    def parse(value: str) -> float | int | str:
+        if auto and value == "auto":
+            return value
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            number = None
+        ok = number is not None and number == number and abs(number) != float("inf")
+        if ok and low is not None:
+            ok = number > low if strict_low else number >= low
+        if ok and high is not None:
+            ok = number <= high
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            bounds = ("" if low is None else f" {'>' if strict_low else '>='} {low:g}") + \
+                ("" if high is None else f"{' and' if low is not None else ''} <= {high:g}")
+            also = " or 'auto'" if auto else ""
+            raise argparse.ArgumentTypeError(f"expected {kind}{bounds}{also}, got {value!r}")
+        return number
+    return parse
+
+
+_POSITIVE_INT = _number(1, integer=True)
+_NON_NEGATIVE_INT = _number(0, integer=True)
+_STRENGTH_TYPES = {"alpha": _number(0, 1, auto=True), "beta": _number(0, auto=True), "gamma": _number(0, auto=True)}
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +62,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SentenceTransformer: registry/hub name or local folder "
                              "(default: bundled sentence-transformers/all-MiniLM-L6-v2)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32)
     parser.add_argument("--embedding-cache", default=os.environ.get("MTEB_STEER_EMBEDDING_CACHE"),
                         help="folder to reuse base embeddings across configurations")
     parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
@@ -53,7 +86,7 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-model", default=None, help="model name at the endpoint (needed with a URL)")
     parser.add_argument("--llm-mode", choices=["completion", "chat"], default="completion",
                         help="completion (2-shot prompt, base models) or chat (instruction-tuned models)")
-    parser.add_argument("--num-queries", type=int, default=3, help="generated queries per passage")
+    parser.add_argument("--num-queries", type=_POSITIVE_INT, default=3, help="generated queries per passage")
     parser.add_argument("--query-style", default="task",
                         help="what generated queries should look like: 'task' (the task's own mteb metadata "
                              "prompt; default), 'generic' (plain search questions, the prompt of earlier banks), "
@@ -62,9 +95,8 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LLM cache folder (default $MTEB_STEER_LLM_CACHE or ~/.cache/mteb_steer/llm)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mteb-steer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
+    parser = _Parser(prog="mteb-steer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -81,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--fusion", choices=["mean", "sum", "rotate"], default=None,
                         help="fuse passage vectors with their generated queries (bank, else generate with the LLM)")
     for name, what in (("alpha", "mean"), ("beta", "sum"), ("gamma", "rotate")):
-        corpus.add_argument(f"--{name}", type=_float_or_auto, default=None,
+        corpus.add_argument(f"--{name}", type=_STRENGTH_TYPES[name], default=None,
                             help=f"strength of --fusion {what}, or 'auto' (label-free held-out choice; default)")
     _add_llm_arguments(corpus)
     query = ev.add_argument_group("query steering")
@@ -89,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--refine-teacher", default=None,
                        help="test-time refinement teacher: gold (oracle) | embedding:MODEL | cross-encoder:MODEL "
                             "| llm:MODEL | bm25 | hybrid")
-    query.add_argument("--refine-top-k", type=int, default=20)
-    query.add_argument("--refine-steps", type=int, default=100)
-    query.add_argument("--refine-lr", type=float, default=1e-4)
-    query.add_argument("--hyde", type=int, default=0, metavar="N",
+    query.add_argument("--refine-top-k", type=_number(2, integer=True), default=20)
+    query.add_argument("--refine-steps", type=_NON_NEGATIVE_INT, default=100)
+    query.add_argument("--refine-lr", type=_number(0, strict_low=True), default=1e-4)
+    query.add_argument("--hyde", type=_NON_NEGATIVE_INT, default=0, metavar="N",
                        help="fuse each query with N generated hypothetical passages")
     lexical = ev.add_argument_group("lexical hybrid")
     lexical.add_argument("--lexical", choices=["bm25"], default=None, help="add BM25 scores to the dense scores")
-    lexical.add_argument("--lexical-weight", type=float, default=None,
+    lexical.add_argument("--lexical-weight", type=_number(0, 1), default=None,
                          help="lexical weight in [0, 1] (default: chosen on the TREC-DL pool)")
     lexical.add_argument("--lexical-fusion", choices=["zscore", "rrf", "minmax"], default=None)
     lexical.add_argument("--no-lexical-expand", action="store_true",
@@ -113,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_arguments(gen)
     gen.add_argument("--export", default=None, help="write the cached queries to this JSONL(.gz) bank")
     gen.add_argument("--no-generate", action="store_true", help="only export what the cache holds (no requests)")
-    gen.add_argument("--limit", type=int, default=None, help="only the first N passages")
+    gen.add_argument("--limit", type=_POSITIVE_INT, default=None, help="only the first N passages")
 
     tr = sub.add_parser("train-adapter", help="train a linear query adapter")
     _add_model_arguments(tr)
@@ -121,26 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--split", default="train", help="labelled split to train on (never an eval split)")
     tr.add_argument("--query-bank", default=None, help="train on generated queries instead of labels")
     tr.add_argument("--loss", choices=["mnrl", "triplet", "mse"], default="mnrl")
-    tr.add_argument("--rank", type=int, default=None, help="low-rank update W = I + U V^T of this rank")
-    tr.add_argument("--epochs", type=int, default=30)
+    tr.add_argument("--rank", type=_POSITIVE_INT, default=None, help="low-rank update W = I + U V^T of this rank")
+    tr.add_argument("--epochs", type=_POSITIVE_INT, default=30)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", required=True, help="output folder (safetensors + JSON config)")
     tr.add_argument("--export-sentence-transformer", default=None, metavar="DIR",
                     help="also write a plain sentence-transformers model applying the adapter to queries only")
 
-    from mteb_steer.submit import add_submit_parser
+    if include_submit:  # imports mteb: skipped when another command runs, so flag errors come at once
+        from mteb_steer.submit import add_submit_parser
 
-    add_submit_parser(sub)
+        add_submit_parser(sub)
     return parser
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from mteb_steer.backbone import check_device
-    from mteb_steer.pipeline import SteerConfig, build_encoder, build_model, default_output_folder
-    from mteb_steer.results import STEER_FIT_FILE, evaluate_tasks, format_table, read_fits, result_dir
-    from mteb_steer.tasks import resolve_task
-
-    check_device(args.device)
     given = {name: getattr(args, name) for name in ("alpha", "beta", "gamma") if getattr(args, name) is not None}
     own = {"mean": "alpha", "sum": "beta", "rotate": "gamma"}.get(args.fusion)
     stray = sorted(set(given) - {own})
@@ -148,9 +175,25 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--{', --'.join(stray)} does not apply to --fusion {args.fusion} "
                          f"({'takes --' + own if own else 'no fusion selected'})")
     strength = given.get(own, "auto")
+    _check_combinations(args)  # flags first: nothing heavy is imported yet
+
+    from mteb_steer.backbone import check_device, resolve_backbone
+    from mteb_steer.pipeline import SteerConfig, build_encoder, build_model, default_output_folder
+    from mteb_steer.results import STEER_FIT_FILE, evaluate_tasks, format_table, read_fits, result_dir
+    from mteb_steer.tasks import resolve_task
+
+    check_device(args.device)
+    if args.model:  # a hub model offline is refused now, not after the data loads
+        resolve_backbone(args.model)
+    output = args.output_folder or default_output_folder()
+    check_writable(output, "--output-folder")
+    if args.embedding_cache:
+        check_writable(args.embedding_cache, "--embedding-cache")
     tasks = [resolve_task(name, args.data_root) for name in args.tasks]
     for task in tasks:  # bad data fails here, before any model loads
         task.load_data()
+    if args.query_bank:
+        _check_bank(args.query_bank, tasks)
     config = SteerConfig(
         model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
         backend=args.backend, dtype=args.dtype, embedding_storage=args.embedding_storage,
@@ -162,7 +205,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir,
         self_tune=args.self_tune)
     encoder = build_encoder(config)
-    output = args.output_folder or default_output_folder()
     scores = []
     for task in tasks:  # one model per task: the gold teacher and identical-id rules are per task
         model = build_model(config, encoder=encoder, task=task)
@@ -176,6 +218,54 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"results: {folder}", file=sys.stderr)
     print(format_table(scores))
     return 0
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Flags that would be silently ignored are refused (before any data loads)."""
+    bank_users = args.fusion or args.lexical or args.refine_teacher
+    if args.query_bank and not bank_users:
+        raise ValueError("--query-bank is used only with --fusion, --lexical or --refine-teacher: add one of "
+                         "them (e.g. --fusion mean), or drop --query-bank")
+    lexical_teacher = (args.refine_teacher or "").strip().lower() in {"bm25", "hybrid"}
+    lexical_flags = [flag for flag, given in (("--lexical-weight", args.lexical_weight is not None),
+                                              ("--lexical-fusion", args.lexical_fusion is not None),
+                                              ("--no-lexical-expand", args.no_lexical_expand),
+                                              ("--lexical-index-dir", args.lexical_index_dir is not None)) if given]
+    if lexical_flags and not (args.lexical or lexical_teacher):
+        raise ValueError(f"{', '.join(lexical_flags)} need(s) --lexical bm25 (or a bm25/hybrid --refine-teacher)")
+    refine_flags = [flag for flag, value, default in (("--refine-top-k", args.refine_top_k, 20),
+                                                      ("--refine-steps", args.refine_steps, 100),
+                                                      ("--refine-lr", args.refine_lr, 1e-4)) if value != default]
+    if refine_flags and not args.refine_teacher:
+        raise ValueError(f"{', '.join(refine_flags)} need(s) --refine-teacher")
+
+
+def _check_bank(path: str, tasks: Sequence) -> None:
+    """A bank made for another corpus (no passage id in common) is refused before any model loads."""
+    from mteb_steer.steering.banks import BankError, load_bank
+
+    bank = load_bank(path)
+    for task in tasks:
+        ids = {str(i) for split in task.eval_splits for i in task.dataset["default"][split]["corpus"]["id"]}
+        if not ids & set(bank):
+            raise BankError(f"--query-bank {path}: its {len(bank)} passages (e.g. {list(bank)[:2]}) share no id with "
+                            f"the corpus of {task.metadata.name} (e.g. {sorted(ids)[:2]}): a bank made for another "
+                            "corpus?")
+
+
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Create `folder` and write a probe file there, so a read-only or full disk fails now, in one line."""
+    from pathlib import Path
+
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".mteb-steer-write-probe-{os.getpid()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write there ({err.strerror or err}); choose a writable folder "
+                         f"with {flag}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -222,17 +312,28 @@ def _train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _submit(args: argparse.Namespace) -> int:
     from mteb_steer.submit import run_submit
 
-    handlers = {"evaluate": _evaluate, "generate": _generate, "train-adapter": _train_adapter, "submit": run_submit}
+    return run_submit(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(include_submit=command not in {"evaluate", "generate", "train-adapter"}).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"evaluate": _evaluate, "generate": _generate, "train-adapter": _train_adapter, "submit": _submit}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"mteb-steer: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a disk that filled up or turned read-only mid-run: name the file, no traceback
+        where = f" {err.filename}" if err.filename else ""
+        print(f"mteb-steer: error: cannot write{where}: {err.strerror or err}; free space or choose another folder "
+              f"(finished tasks are kept; rerun to continue)", file=sys.stderr)
         return 2
 
 

@@ -176,8 +176,9 @@ class SteerEncoder(AbsEncoder):
         **kwargs: Any,
     ) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
+        # mteb passes show_progress_bar=False only when the caller turned bars off: show one otherwise
         return self.embed(texts, prompt_type, batch_size=kwargs.get("batch_size"),
-                          show_progress_bar=kwargs.get("show_progress_bar", False))
+                          show_progress_bar=kwargs.get("show_progress_bar", True))
 
     # -- BEIR / mteb 1.x style ----------------------------------------------------------------
     def encode_queries(self, queries: list[str], batch_size: int = 32, **kwargs: Any) -> np.ndarray:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mteb_steer.backbone import check_encoding
+from mteb_steer.backbone import check_encoding, resolve_backbone
 from mteb_steer.encoder import SteerEncoder
 from mteb_steer.encoding import Encoding
 from mteb_steer.search import SteerSearch
@@ -62,16 +62,20 @@ class SteerConfig:
 
 
 def build_encoder(config: SteerConfig) -> SteerEncoder:
-    """Base model + query transforms (the adapter), validated before weights load."""
+    """Base model + query transforms (the adapter), validated before weights load.
+
+    An adapter only makes sense on the base model it was trained for: a mismatch is refused here.
+    """
     check_encoding(config.device, Encoding(config.backend, config.dtype, config.embedding_storage))
+    backbone = resolve_backbone(config.model)
     transforms = []
     if config.adapter:
         from mteb_steer.steering.adapter import QueryAdapter
 
-        transforms.append(QueryAdapter.load(config.adapter))
+        transforms.append(QueryAdapter.load(config.adapter, expect_base=backbone.meta))
     return SteerEncoder(config.model, device=config.device, batch_size=config.batch_size,
-                        cache_dir=config.embedding_cache, query_transforms=transforms, backend=config.backend,
-                        dtype=config.dtype, embedding_storage=config.embedding_storage)
+                        cache_dir=config.embedding_cache, query_transforms=transforms, backbone=backbone,
+                        backend=config.backend, dtype=config.dtype, embedding_storage=config.embedding_storage)
 
 
 def _gen_config(config: SteerConfig, **overrides: Any):
@@ -123,6 +127,7 @@ def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: 
         from mteb_steer.steering.teachers import make_teacher
 
         qrels = None
+        ignore_identical_ids = bool(getattr(task, "ignore_identical_ids", False))
         if config.refine_teacher.strip().lower() == "gold" and task is not None:
             task.load_data()
             qrels = {q: docs for split in task.eval_splits
@@ -130,12 +135,12 @@ def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: 
         teacher = make_teacher(
             config.refine_teacher, encoder=encoder, task_name=task.metadata.name if task is not None else "",
             qrels=qrels, cache_dir=config.embedding_cache, device=config.device,
-            ignore_identical_ids=bool(getattr(task, "ignore_identical_ids", False)), bank=bank,
+            ignore_identical_ids=ignore_identical_ids, bank=bank,
             lexical_index_dir=config.lexical_index_dir, lexical_weight=config.lexical_weight,
             lexical_fusion=config.lexical_fusion, llm_base_url=config.llm_base_url,
             llm_cache_dir=config.llm_cache())
         query_steps.append(TestTimeRefinement(teacher, top_k=config.refine_top_k, steps=config.refine_steps,
-                                              lr=config.refine_lr))
+                                              lr=config.refine_lr, ignore_identical_ids=ignore_identical_ids))
     if config.lexical:
         if config.lexical != "bm25":
             raise ValueError(f"unknown lexical method {config.lexical!r}; only 'bm25' is available")

@@ -8,6 +8,7 @@ retrieval task; the MS MARCO TREC-DL pool gets a name nobody mistakes for MTEB's
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,28 @@ def _split_data(folder: Path, split: str) -> RetrievalSplitData:
 
 
 def check_folder(folder: Path) -> None:
-    """Fail fast on a folder without corpus, queries or qrels."""
-    find_file(folder, "corpus")
-    find_file(folder, "queries")
+    """Fail fast, in one line, on a folder that is not a BEIR folder (no corpus, queries or qrels)."""
+    missing = [f"{stem}.jsonl[.gz]" for stem in ("corpus", "queries")
+               if not any((folder / f"{stem}{ext}").exists() for ext in (".jsonl", ".jsonl.gz"))]
     if not available_splits(folder):
-        raise DataFolderError(f"{folder}: no qrels/<split>.tsv files")
+        missing.append("qrels/<split>.tsv")
+    if missing:
+        raise DataFolderError(f"{folder} is not a BEIR folder: missing {', '.join(missing)} (a BEIR folder holds "
+                              "corpus.jsonl, queries.jsonl and qrels/<split>.tsv)")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """12 hex digits naming a folder's full path and its data files' sizes and times.
+
+    Part of a folder task's name, so two folders with the same base name (or one folder whose
+    files changed) never share a result file; cheap for a corpus of millions (no file is read).
+    """
+    folder = folder.resolve()
+    digest = hashlib.sha256(str(folder).encode())
+    for path in sorted([*folder.glob("*.jsonl*"), *(folder / "qrels").glob("*.tsv")]):
+        stat = path.stat()
+        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
 
 
 class _LocalLoadMixin:
@@ -84,11 +102,12 @@ class BeirFolderTask(_LocalLoadMixin, AbsTaskRetrieval):
         self.data_folder = Path(folder)
         check_folder(self.data_folder)
         splits = splits or [s for s in available_splits(self.data_folder) if s != "train"] or ["test"]
+        fingerprint = folder_fingerprint(self.data_folder)
         self._metadata = TaskMetadata(
-            name=name or f"Local{self.data_folder.name.title().replace('-', '')}",
-            description=description or f"Local BEIR folder {self.data_folder}",
+            name=name or f"Local{self.data_folder.name.title().replace('-', '')}-{fingerprint}",
+            description=description or f"Local BEIR folder {self.data_folder.resolve()}",
             reference=None,
-            dataset={"path": str(self.data_folder), "revision": "local"},
+            dataset={"path": str(self.data_folder.resolve()), "revision": fingerprint},
             type="Retrieval",
             category="t2t",
             modalities=["text"],
@@ -137,6 +156,8 @@ def resolve_task(name_or_path: str, data_root: str | Path | None = None) -> AbsT
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return BeirFolderTask(path)
+    if os.sep in name_or_path or path.exists():
+        raise DataFolderError(f"task {name_or_path!r} is not an existing folder (give a BEIR folder or an MTEB task name)")
     root = Path(data_root) if data_root else default_data_root()
     if root is not None and not root.is_dir():
         raise DataFolderError(f"data root {root} does not exist")
@@ -148,10 +169,26 @@ def resolve_task(name_or_path: str, data_root: str | Path | None = None) -> AbsT
     try:
         task = mteb.get_task(name_or_path)
     except KeyError:
-        names = list(LOCAL_FOLDERS) + [t.metadata.name for t in mteb.get_tasks(task_types=["Retrieval"])]
+        names = list(dict.fromkeys([*LOCAL_FOLDERS, *(t.metadata.name for t in mteb.get_tasks(task_types=["Retrieval"]))]))
         close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown task {name_or_path!r}: not an MTEB task name nor a folder.{hint}") from None
     if folder_name and root is not None and (root / folder_name).is_dir():
         return local_copy(task, root / folder_name)
+    _check_hub_task(task, folder_name)
     return task
+
+
+def _check_hub_task(task: AbsTaskRetrieval, folder_name: str | None) -> None:
+    """A hub task needs network unless the hub cache holds it: say so at once, with the local way."""
+    from mteb_steer.hub import hub_cache_has, hub_offline_reason
+
+    repo = task.metadata.dataset.get("path", "")
+    if not repo or hub_cache_has(repo, kind="dataset"):
+        return
+    reason = hub_offline_reason()
+    if reason:
+        local = f"<data-root>/{folder_name}/" if folder_name else "a BEIR folder"
+        raise DataFolderError(f"task {task.metadata.name} is not available offline ({reason}): MTEB hub tasks need "
+                              f"network; use a local copy: pass {local} with -t PATH, or --data-root DIR holding "
+                              f"{', '.join(f'{f}/' for f in LOCAL_FOLDERS.values())}")

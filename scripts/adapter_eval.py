@@ -29,7 +29,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import mteb
 import numpy as np
 import pytrec_eval
-from mteb.cache import ResultCache
 from mteb.types import PromptType
 
 from mteb_steer.beir import load_beir_split
@@ -44,6 +43,8 @@ from mteb_steer.steering.adapter import (
     train_adapter,
     training_pairs,
 )
+from mteb_steer.pipeline import default_output_folder
+from mteb_steer.results import AtomicResultCache, file_configuration
 from mteb_steer.tasks import resolve_task
 
 CACHE = default_embedding_cache()
@@ -52,12 +53,15 @@ GRID_RANK = (None, 16, 64)
 TASKS = {"scifact": ("SciFact", "scifact"), "arguana": ("ArguAna", "arguana")}
 
 
-def evaluate(model: SteerSearch, task_name: str, data_root: Path, out: Path, label: str) -> tuple[float, dict]:
-    """mteb nDCG@10 of the test split and per-query nDCG@10 recomputed from mteb's predictions."""
+def evaluate(model: SteerSearch, task_name: str, data_root: Path, out: Path, label: str,
+             output_folder: Path) -> tuple[float, dict]:
+    """mteb nDCG@10 of the test split (filed under output_folder/results/ with its steer_config.json) and
+    per-query nDCG@10 recomputed from mteb's predictions (kept under out)."""
     task = resolve_task(task_name, data_root)
     predictions = out / "predictions" / label
     started = time.perf_counter()
-    result = mteb.evaluate(model, task, cache=ResultCache(out), overwrite_strategy="always",
+    file_configuration(output_folder, model)
+    result = mteb.evaluate(model, task, cache=AtomicResultCache(output_folder), overwrite_strategy="always",
                            prediction_folder=predictions, show_progress_bar=False)
     seconds = time.perf_counter() - started
     score = result.task_results[0].get_score()
@@ -100,7 +104,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("--data-root", type=Path, default=Path("/work/shared/datasets"))
-    parser.add_argument("--out", type=Path, default=Path("/tmp/adapter_eval"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/adapter_eval"), help="adapters and predictions")
+    parser.add_argument("--output-folder", type=Path, default=default_output_folder(),
+                        help="results land in <output-folder>/results/<org__model>/<revision>/ (default: current dir)")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -139,12 +145,12 @@ def main() -> int:
                                  "val_mrr": [e["val_mrr_at_10"] for e in history.epochs],
                                  "n_train_pairs": history.n_train_pairs}
 
-    base_score, base = evaluate(SteerSearch(encoder), task_name, root, args.out, "plain")
+    base_score, base = evaluate(SteerSearch(encoder), task_name, root, args.out, "plain", args.output_folder)
     report["runs"] = {"plain": {"ndcg_at_10": base_score, **base}, **report["runs"]}
     print(f"plain: nDCG@10 {base_score:.4f}", file=sys.stderr)
     for label, adapter in adapters.items():
         model = SteerSearch(SteerEncoder(device="cpu", query_transforms=[adapter], cache_dir=CACHE))
-        score, detail = evaluate(model, task_name, root, args.out, label)
+        score, detail = evaluate(model, task_name, root, args.out, label, args.output_folder)
         run = report["runs"][label]
         run.update({"ndcg_at_10": score, **detail, "model": model.mteb_model_meta.name,
                     "revision": model.mteb_model_meta.revision})

@@ -9,6 +9,9 @@ query vectors come from the cache). `--costs` adds a fresh BM25 index build: bui
     HF_HUB_OFFLINE=1 python scripts/lexical_eval.py --task SciFact --settings dense bm25 zscore:0.3 rrf:0.5
     HF_HUB_OFFLINE=1 python scripts/lexical_eval.py --task ArguAna --bank /work/shared/datasets/arguana-genq
 
+Every setting's evaluation is filed in the leaderboard layout under `--output-folder` (default: the
+current directory, i.e. `results/<org__model>/<revision>/`); `--json` writes the printed rows too.
+
 A setting is `dense` (no lexical side), `bm25` (lexical weight 1), `default` (the package
 defaults), or `<fusion>:<weight>` with fusion zscore | rrf | minmax.
 """
@@ -16,7 +19,9 @@ defaults), or `<fusion>:<weight>` with fusion zscore | rrf | minmax.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +29,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import mteb
-
 from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
+from mteb_steer.pipeline import default_output_folder
+from mteb_steer.results import evaluate_tasks
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.banks import QueryBank, load_bank
 from mteb_steer.steering.lexical import (
@@ -56,7 +61,7 @@ def hybrid_for(setting: str, bank: QueryBank | None, index_dir: Path) -> Lexical
 
 
 def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank: QueryBank | None,
-                      index_dir: Path, encoder: SteerEncoder) -> list[dict]:
+                      index_dir: Path, encoder: SteerEncoder, output_folder: Path) -> list[dict]:
     """One row per setting: {setting, splits: {split: (ndcg@10, recall@100)}, mean_ndcg, mean_recall, ms_per_query}."""
     task = resolve_task(task_name, data_root)
     task.load_data()  # mteb.evaluate unloads the data after each run: count the last split's queries now
@@ -65,9 +70,8 @@ def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank:
     rows = []
     for setting in settings:
         model = SteerSearch(encoder, score_fusion=hybrid_for(setting, bank, index_dir))
-        result = mteb.evaluate(model, task, cache=None, show_progress_bar=False).task_results[0]
-        splits = {split: (scores[0]["ndcg_at_10"], scores[0]["recall_at_100"])
-                  for split, scores in sorted(result.scores.items())}
+        scores = evaluate_tasks(model, [task], output_folder, overwrite=True, show_progress_bar=False)
+        splits = {s.split: (s.ndcg_at_10, s.recall_at_100) for s in sorted(scores, key=lambda s: s.split)}
         rows.append({"setting": setting, "tag": model.score_fusion.tag if model.score_fusion else "dense",
                      "splits": splits,
                      "mean_ndcg": sum(s[0] for s in splits.values()) / len(splits),
@@ -75,6 +79,12 @@ def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank:
                      "ms_per_query": 1000 * model.timings["score_s"] / n_queries})
         print(f"  {setting:<12} nDCG@10 {rows[-1]['mean_ndcg']:.4f}  R@100 {rows[-1]['mean_recall']:.4f}", flush=True)
     return rows
+
+
+def write_rows(path: Path, report: dict) -> None:
+    """The raw rows behind a printed table, committed beside the results (every number traceable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -124,14 +134,22 @@ def main() -> None:
     parser.add_argument("--index-dir", default=str(Path(tempfile.gettempdir()) / "mteb_steer_lexical_indexes"))
     parser.add_argument("--cache-dir", default=default_embedding_cache(), help="base-embedding cache")
     parser.add_argument("--costs", action="store_true", help="also time a fresh index build")
+    parser.add_argument("--output-folder", type=Path, default=default_output_folder(),
+                        help="results land in <output-folder>/results/<org__model>/<revision>/ (default: current dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows (and costs) as JSON here")
     args = parser.parse_args()
     bank = load_bank(args.bank) if args.bank else None
     encoder = SteerEncoder(cache_dir=args.cache_dir)
-    rows = evaluate_settings(args.task, args.settings, args.data_root, bank, Path(args.index_dir), encoder)
+    rows = evaluate_settings(args.task, args.settings, args.data_root, bank, Path(args.index_dir), encoder,
+                             args.output_folder)
     print(f"\n{args.task}{' (expanded with ' + args.bank + ')' if bank else ''}\n")
     print(markdown_table(rows))
-    if args.costs:
-        print("\n" + index_costs(args.task, args.data_root, bank))
+    costs = index_costs(args.task, args.data_root, bank) if args.costs else None
+    if costs:
+        print("\n" + costs)
+    if args.json:
+        write_rows(args.json, {"command": " ".join(["python", *sys.argv]), "task": args.task, "bank": args.bank,
+                               "rows": rows, "costs": costs})
 
 
 if __name__ == "__main__":

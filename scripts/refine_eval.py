@@ -5,8 +5,11 @@ One row per (teacher, lr, teacher temperature, steps): the refinement runs insid
 refined vectors. Rows go to a JSON-lines file; `--table` prints them as markdown.
 
     python scripts/refine_eval.py --task SciFact --teacher gold embedding:sentence-transformers/all-mpnet-base-v2 \
-        --out /tmp/refine_runs/scifact.jsonl
-    python scripts/refine_eval.py --task ArguAna --teacher bm25 --lr 1e-4 1e-3 --out /tmp/refine_runs/arguana.jsonl
+        --out results/refine_eval/scifact.jsonl
+    python scripts/refine_eval.py --task ArguAna --teacher bm25 --lr 1e-4 1e-3 --out results/refine_eval/arguana.jsonl
+
+Each evaluation is also filed in the leaderboard layout (`results/<org__model>/<revision>/<Task>.json`
+with `steer_config.json`) under `--output-folder` (default: the current directory).
 
 The gold teacher reads the evaluated split's labels: its rows are ORACLE UPPER BOUNDS, never results.
 """
@@ -23,22 +26,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import mteb
 import torch
 
 from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder
+from mteb_steer.pipeline import default_output_folder
+from mteb_steer.results import evaluate_tasks
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.refine import TestTimeRefinement
 from mteb_steer.steering.teachers import make_teacher
 from mteb_steer.tasks import resolve_task
 
 
-def _evaluate(model, task) -> tuple[float, float, float]:
-    started = time.perf_counter()
-    result = mteb.evaluate(model, task, cache=None, show_progress_bar=False, overwrite_strategy="always")
-    scores = result.task_results[0].scores[task.eval_splits[0]][0]
-    return scores["ndcg_at_10"], scores["recall_at_100"], time.perf_counter() - started
+def _evaluate(model, task, output_folder: Path) -> tuple[float, float, float]:
+    """Evaluate and file the result (leaderboard layout under output_folder/results/, recomputed each time)."""
+    score = evaluate_tasks(model, [task], output_folder, overwrite=True, show_progress_bar=False)[0]
+    return score.ndcg_at_10, score.recall_at_100, score.seconds
 
 
 def main() -> None:
@@ -57,7 +60,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=default_embedding_cache(), help="base-embedding cache")
     parser.add_argument("--lexical-index-dir", default="/tmp/mteb_steer_lexical")
     parser.add_argument("--baseline", action="store_true", help="also evaluate the plain model")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="JSON-lines file of the rows (commit it beside the results)")
+    parser.add_argument("--output-folder", type=Path, default=default_output_folder(),
+                        help="results land in <output-folder>/results/<org__model>/<revision>/ (default: current dir)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -76,7 +81,7 @@ def main() -> None:
             fh.write(json.dumps(row) + "\n")
 
     if args.baseline:
-        ndcg, recall, seconds = _evaluate(SteerSearch(encoder), task)
+        ndcg, recall, seconds = _evaluate(SteerSearch(encoder), task, args.output_folder)
         record({"task": task.metadata.name, "teacher": "none (plain)", "ndcg_at_10": ndcg,
                 "recall_at_100": recall, "eval_s": round(seconds, 1)})
     for spec in args.teacher:
@@ -88,7 +93,7 @@ def main() -> None:
                                       student_temperature=args.student_temperature, n_random=args.n_random,
                                       proximity=args.proximity, ignore_identical_ids=ignore_ids)
             model = SteerSearch(encoder, query_steps=[step])
-            ndcg, recall, seconds = _evaluate(model, task)
+            ndcg, recall, seconds = _evaluate(model, task, args.output_folder)
             n_q = step.stats.get("queries", 0) or 1
             timings = {k: round(v, 3) for k, v in step.timings.items()}
             row = {

@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+from mteb_steer.beir import write_beir_slice
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -34,34 +36,10 @@ def encoder(tmp_path_factory):
     return SteerEncoder(device="cpu", cache_dir=tmp_path_factory.mktemp("embcache"))
 
 
-def write_slice(source: Path, target: Path, split: str, n_queries: int, n_extra_docs: int,
-                must_include: set[str] = frozenset()) -> Path:
-    """A small real BEIR folder: the first `n_queries` queries of `split`, their relevant docs,
-    `n_extra_docs` more corpus docs, and any ids in `must_include`."""
-    import gzip
-    import json
-
-    from mteb_steer.beir import find_file, read_jsonl, read_qrels
-
-    qrels = read_qrels(source / "qrels" / f"{split}.tsv")
-    qids = list(qrels)[:n_queries]
-    wanted = {d for q in qids for d in qrels[q]} | set(must_include)
-    corpus = [r for i, r in enumerate(read_jsonl(find_file(source, "corpus")))
-              if i < n_extra_docs or r["_id"] in wanted]
-    queries = [r for r in read_jsonl(find_file(source, "queries")) if r["_id"] in set(qids)]
-    (target / "qrels").mkdir(parents=True)
-    with gzip.open(target / "corpus.jsonl.gz", "wt") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in corpus)
-    (target / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
-    rows = [f"{q}\t{d}\t{s}\n" for q in qids for d, s in qrels[q].items()]
-    (target / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
-    return target
-
-
 @pytest.fixture(scope="session")
 def scifact_slice(tmp_path_factory, data_root) -> Path:
     """40 real SciFact test queries over ~440 real passages."""
-    return write_slice(data_root / "scifact", tmp_path_factory.mktemp("scifact") / "scifact", "test", 40, 400)
+    return write_beir_slice(data_root / "scifact", tmp_path_factory.mktemp("scifact") / "scifact", "test", 40, 400)
 
 
 @pytest.fixture(scope="session")
@@ -76,5 +54,5 @@ def arguana_slice(tmp_path_factory, data_root) -> Path:
     for row in read_jsonl(find_file(data_root / "arguana", "corpus")):
         by_text[(row["title"] + " " + row["text"]).strip()].append(row["_id"])
     duplicates = {i for ids in by_text.values() if len(ids) > 1 for i in ids}
-    return write_slice(data_root / "arguana", tmp_path_factory.mktemp("arguana") / "arguana", "test", 40, 400,
+    return write_beir_slice(data_root / "arguana", tmp_path_factory.mktemp("arguana") / "arguana", "test", 40, 400,
                        must_include=duplicates)

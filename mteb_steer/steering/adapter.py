@@ -45,11 +45,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 from mteb.types import PromptType
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from mteb_steer.beir import DataFolderError, load_beir_split, read_corpus
 from mteb_steer.encoder import passage_text
+from mteb_steer.files import write_atomic
 from mteb_steer.identity import chunked_hash, stable_hash
 from mteb_steer.steering.banks import QueryBank, load_bank
 from mteb_steer.steering.fusion import reciprocal_ranks
@@ -171,11 +172,15 @@ class QueryAdapter(torch.nn.Module):
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write `adapter.safetensors` + `adapter_config.json` into folder (created)."""
+        """Write `adapter.safetensors` + `adapter_config.json` into folder (created).
+
+        Each file is written atomically, the config last: a kill mid-save never leaves a folder that loads.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(self._tensors(), folder / self.weights_file_name)
-        (folder / self.config_file_name).write_text(json.dumps(self.get_config_dict(), indent=2, sort_keys=True) + "\n")
+        (folder / self.config_file_name).unlink(missing_ok=True)
+        write_atomic(folder / self.weights_file_name, save(self._tensors()))
+        write_atomic(folder / self.config_file_name, json.dumps(self.get_config_dict(), indent=2, sort_keys=True) + "\n")
         return folder
 
     @classmethod
@@ -201,14 +206,18 @@ class QueryAdapter(torch.nn.Module):
             raise ValueError(f"{weights_path}: tensors {found} do not match the config {expected}")
         adapter.load_state_dict(tensors)
         if expect_base is not None:
-            adapter.check_base(expect_base)
+            try:
+                adapter.check_base(expect_base)
+            except ValueError as err:
+                raise ValueError(f"adapter folder {folder}: {err}") from None
         return adapter
 
     def check_base(self, meta: ModelMeta) -> None:
         """Raise if the adapter was trained on another base model than `meta` names."""
         wanted = base_model_id(meta)
         if self.base_model is not None and self.base_model != wanted:
-            raise ValueError(f"adapter {self.tag} was trained for {self.base_model}, not for {wanted}")
+            raise ValueError(f"adapter {self.tag} was trained for {self.base_model}, not for {wanted}: evaluate it "
+                             f"with -m {self.base_model.split('@')[0]}, or train an adapter for {meta.name}")
 
 
 def base_model_id(meta: ModelMeta) -> str:
