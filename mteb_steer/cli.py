@@ -93,6 +93,12 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
                              "or your own one-line description (e.g. for a BEIR folder)")
     parser.add_argument("--cache-dir", default=None,
                         help="LLM cache folder (default $MTEB_STEER_LLM_CACHE or ~/.cache/mteb_steer/llm)")
+    parser.add_argument("--llm-timeout", type=float, default=120.0,
+                        help="seconds one LLM request (and the start-up health check) may take (default 120)")
+    parser.add_argument("--llm-retries", type=int, default=3, help="extra attempts per failed LLM request (default 3)")
+    parser.add_argument("--allow-failed-passages", action="store_true",
+                        help="accept passages that got no queries: generate exits 0, evaluate files the result "
+                             "under a 'partial' revision (default: exit code 4, no result)")
 
 
 def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
@@ -199,7 +205,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         backend=args.backend, dtype=args.dtype, embedding_storage=args.embedding_storage,
         query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
         llm_model=args.llm_model, llm_mode=args.llm_mode, num_queries=args.num_queries, llm_cache_dir=args.cache_dir,
-        query_style=args.query_style, adapter=args.adapter, refine_teacher=args.refine_teacher, refine_top_k=args.refine_top_k,
+        query_style=args.query_style, llm_timeout=args.llm_timeout, llm_retries=args.llm_retries,
+        allow_failed_passages=args.allow_failed_passages, adapter=args.adapter, refine_teacher=args.refine_teacher,
+        refine_top_k=args.refine_top_k,
         refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,
         lexical_weight=args.lexical_weight, lexical_fusion=args.lexical_fusion,
         lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir,
@@ -283,14 +291,18 @@ def _generate(args: argparse.Namespace) -> int:
     rows = list(read_jsonl(find_file(folder, "corpus")))[: args.limit]
     passages = [(str(r["_id"]), passage_text(r.get("title"), r.get("text"))) for r in rows]
     config = SteerConfig(llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_mode=args.llm_mode,
-                         num_queries=args.num_queries, llm_cache_dir=args.cache_dir)
+                         num_queries=args.num_queries, llm_cache_dir=args.cache_dir, llm_timeout=args.llm_timeout,
+                         llm_retries=args.llm_retries)
     gen_config = _gen_config(config, query_style=resolve_query_style(args.query_style, task))
+    report = None
     if not args.no_generate:
         report = generate(passages, gen_config, config.llm_cache(), base_url=args.llm_base_url)
         print(report.summary())
     if args.export:
         bank = export_bank(passages, gen_config, config.llm_cache(), args.export)
         print(f"exported {len(bank)} of {len(passages)} passages to {args.export}")
+    if report is not None and not args.allow_failed_passages:
+        report.require_complete("pass --allow-failed-passages to accept the gaps")
     return 0
 
 
@@ -312,6 +324,11 @@ def _train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_USAGE = 2  # a bad flag, file or folder
+EXIT_LLM = 3  # the LLM endpoint cannot serve the run (nothing listens, hung, key rejected, died mid-run)
+EXIT_INCOMPLETE = 4  # some passages got no queries and --allow-failed-passages was not given
+
+
 def _submit(args: argparse.Namespace) -> int:
     from mteb_steer.submit import run_submit
 
@@ -324,17 +341,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(include_submit=command not in {"evaluate", "generate", "train-adapter"}).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from mteb_steer.steering.generation import IncompleteGeneration
+    from mteb_steer.steering.llm_client import EndpointError
+
     handlers = {"evaluate": _evaluate, "generate": _generate, "train-adapter": _train_adapter, "submit": _submit}
     try:
         return handlers[args.command](args)
+    except EndpointError as err:
+        print(f"mteb-steer: error: {err}", file=sys.stderr)
+        return EXIT_LLM
+    except IncompleteGeneration as err:
+        print(f"mteb-steer: error: {err}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"mteb-steer: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as err:  # a disk that filled up or turned read-only mid-run: name the file, no traceback
         where = f" {err.filename}" if err.filename else ""
         print(f"mteb-steer: error: cannot write{where}: {err.strerror or err}; free space or choose another folder "
               f"(finished tasks are kept; rerun to continue)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class SteerConfig:
     num_queries: int = 3
     llm_cache_dir: str | None = None
     query_style: str | None = "task"  # issue 14: "task" (the task's metadata), "generic", or the user's style
+    llm_timeout: float = 120.0  # seconds per LLM request (and the health check)
+    llm_retries: int = 3  # extra attempts per LLM request
+    allow_failed_passages: bool = False  # evaluate from a partial generated bank (its revision says `partial`)
     # query adapter (issue 4)
     adapter: str | None = None  # folder written by train-adapter
     # test-time refinement (issue 4)
@@ -81,7 +84,8 @@ def build_encoder(config: SteerConfig) -> SteerEncoder:
 def _gen_config(config: SteerConfig, **overrides: Any):
     from mteb_steer.steering.generation import GenConfig
 
-    return GenConfig(model=config.llm_model, mode=config.llm_mode, num_queries=config.num_queries, **overrides)
+    return GenConfig(model=config.llm_model, mode=config.llm_mode, num_queries=config.num_queries,
+                     timeout=config.llm_timeout, retries=config.llm_retries, **overrides)
 
 
 def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: Any | None = None) -> SteerSearch:
@@ -109,14 +113,18 @@ def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: 
             corpus_steps.append(QueryFusion(bank, config.fusion,
                                             **{STRENGTH_NAME[config.fusion]: config.fusion_param}))
         else:
-            from mteb_steer.steering.generated_fusion import GeneratedQueryFusion
+            from mteb_steer.steering.generated_fusion import GeneratedQueryFusion, task_passages
 
             from mteb_steer.steering.query_style import resolve_query_style
 
+            if task is None:
+                raise ValueError(f"--fusion {config.fusion} without --query-bank generates queries for the task's "
+                                 "corpus first: build_model needs the task")
             gen_config = _gen_config(config, query_style=resolve_query_style(config.query_style, task))
             corpus_steps.append(GeneratedQueryFusion(gen_config, config.llm_cache(),
-                                                     base_url=config.llm_base_url, method=config.fusion,
-                                                     strength=config.fusion_param))
+                                                     passages=task_passages(task), base_url=config.llm_base_url,
+                                                     method=config.fusion, strength=config.fusion_param,
+                                                     allow_partial=config.allow_failed_passages))
     if config.hyde:
         from mteb_steer.steering.hyde import HyDE
 
@@ -138,7 +146,7 @@ def build_model(config: SteerConfig, encoder: SteerEncoder | None = None, task: 
             ignore_identical_ids=ignore_identical_ids, bank=bank,
             lexical_index_dir=config.lexical_index_dir, lexical_weight=config.lexical_weight,
             lexical_fusion=config.lexical_fusion, llm_base_url=config.llm_base_url,
-            llm_cache_dir=config.llm_cache())
+            llm_cache_dir=config.llm_cache(), llm_transport=_gen_config(config).transport())
         query_steps.append(TestTimeRefinement(teacher, top_k=config.refine_top_k, steps=config.refine_steps,
                                               lr=config.refine_lr, ignore_identical_ids=ignore_identical_ids))
     if config.lexical:

@@ -33,9 +33,7 @@ from mteb_steer.steering.banks import load_bank, load_bank_metadata
 from mteb_steer.steering.generation import (
     CHARS_PER_TOKEN,
     GenConfig,
-    GenerationError,
     UnparseableOutput,
-    backoff_delay,
     export_bank,
     generate,
     import_bank,
@@ -43,7 +41,8 @@ from mteb_steer.steering.generation import (
     prepare_passages,
     truncate_passage,
 )
-from mteb_steer.steering.llm_cache import cache_key
+from mteb_steer.steering.llm_cache import CLAIM_PREFIX, cache_key
+from mteb_steer.steering.llm_client import EndpointError, backoff_delay
 from mteb_steer.steering.llm_server import LLMServerError, LocalServerConfig, local_llm_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,7 +186,7 @@ def test_retries_run_out_on_persistent_5xx(tmp_path):
     with fault_stub(default="500") as (url, stub):
         report = generate({"w": WIDGETS}, STUB_CONFIG, tmp_path, base_url=url, show_progress=False)
     assert len(stub.requests) == STUB_CONFIG.retries + 1
-    assert "passage 'w'" in report.failures["w"] and "InternalServerError" in report.failures["w"]
+    assert "passage 'w'" in report.failures["w"] and "HTTP 500" in report.failures["w"]
 
 
 def test_garbage_is_a_named_failure_not_cached_and_retried_on_rerun(tmp_path):
@@ -209,19 +208,14 @@ def test_garbage_is_a_named_failure_not_cached_and_retried_on_rerun(tmp_path):
     assert len(stub.requests) == 1 and again.cached == 1 and set(again.bank) == {"good", "bad"}
 
 
-def test_auth_error_stops_the_run(tmp_path):
-    with fault_stub(default="401") as (url, stub), pytest.raises(GenerationError, match="answered 401"):
+def test_auth_error_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-key-4711")
+    with fault_stub(default="401") as (url, stub), pytest.raises(EndpointError, match="rejected the API key") as err:
         generate({f"p{i}": f"{WIDGETS} ({i})" for i in range(10)}, STUB_CONFIG, tmp_path, base_url=url,
                  show_progress=False)
     # no retry, and the run stops: at most the requests already handed to the threads
     assert 1 <= len(stub.requests) <= 2 * STUB_CONFIG.concurrency
-
-
-def test_connection_refused_is_retried_then_recorded(tmp_path):
-    url = f"http://127.0.0.1:{llm_server.free_port()}/v1"
-    report = generate({"w": WIDGETS}, STUB_CONFIG, tmp_path, base_url=url, show_progress=False)
-    assert report.requests == STUB_CONFIG.retries + 1
-    assert "APIConnectionError" in report.failures["w"]
+    assert url in str(err.value) and "4711" not in str(err.value)  # the stub echoed the key; the message does not
 
 
 def test_api_key_is_sent_but_never_stored(tmp_path, monkeypatch):
@@ -319,8 +313,8 @@ def test_real_server_generates_parsed_queries_and_rerun_sends_nothing(llama_smol
 def _entries(cache_dir: Path) -> int:
     if not (cache_dir / "cache.db").exists():
         return 0
-    with diskcache.Cache(str(cache_dir)) as cache:
-        return len(cache)
+    with diskcache.Cache(str(cache_dir)) as cache:  # query entries, not the claims of workers
+        return sum(1 for key in cache.iterkeys() if not str(key).startswith(CLAIM_PREFIX))
 
 
 @pytest.mark.llm

@@ -17,6 +17,7 @@ from mteb_steer.search import SteerSearch
 from mteb_steer.steering.generation import GenConfig, generate
 from mteb_steer.steering.hyde import HyDE
 from mteb_steer.steering.lexical import LexicalHybrid
+from mteb_steer.steering.llm_client import EndpointError, Transport
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
 from mteb_steer.steering.refine import (
     TestTimeRefinement,
@@ -394,13 +395,14 @@ def test_judge_faults_are_named(scifact, tmp_path):
     rows = np.array([[0, 1]])
     ids, texts = scifact.queries.ids[:1], scifact.queries.texts[:1]
     with fault_stub(["401"]) as (url, _):
-        judge = LLMJudgeTeacher("m", base_url=url, cache_dir=tmp_path / "a", retries=0)
-        with pytest.raises(JudgeError, match="answered 401"):
+        judge = LLMJudgeTeacher("m", base_url=url, cache_dir=tmp_path / "a", transport=Transport(retries=0))
+        with pytest.raises(EndpointError, match="rejected the API key"):
             judge.score(ids, texts, rows, scifact.index)
     with fault_stub() as (url, _), pytest.raises(JudgeError, match="no log-probabilities"):  # 200, no logprobs
         LLMJudgeTeacher("m", base_url=url, cache_dir=tmp_path / "b").score(ids, texts, rows, scifact.index)
     with fault_stub(default="500") as (url, stub):  # transient errors that never end: NaN, not cached
-        judge = LLMJudgeTeacher("m", base_url=url, cache_dir=tmp_path / "c", retries=1, backoff=0.0)
+        judge = LLMJudgeTeacher("m", base_url=url, cache_dir=tmp_path / "c",
+                                transport=Transport(retries=1, backoff=0.0))
         scores = judge.score(ids, texts, rows, scifact.index)
         assert np.isnan(scores).all() and len(judge.failures) == 2 and len(stub.requests) == 4
     with diskcache.Cache(str(tmp_path / "c")) as cache:

@@ -6,12 +6,13 @@ from a language model. This module turns `{doc_id: passage}` into a query bank `
 - one request per passage returns all N queries as a numbered list (parsed), in one of two modes:
   `chat` for instruction-tuned models, `completion` with a 2-shot prompt for base models (the
   bundled Gemma-3-270m writes usable queries only that way);
-- requests run on a bounded thread pool; timeouts, connection errors, 429 and 5xx are retried
-  with exponential backoff and jitter; output that parses into no query is retried with another
-  seed and a shorter passage, then recorded as a failure naming the passage id (never cached, so a
-  rerun tries again);
+- requests go through `llm_client.LLMClient` (health check first, retries, Retry-After, a dead
+  endpoint stops the run with one line) on a bounded thread pool; output that parses into no query
+  is retried with another seed and a shorter passage, then recorded as a failure naming the passage
+  id (never cached, so a rerun tries again);
 - every passage's queries go to the disk cache (`llm_cache.QueryCache`) the moment they arrive,
-  so a killed run loses nothing and a second run over the same corpus sends zero requests;
+  so a killed run loses nothing and a second run over the same corpus sends zero requests; each
+  passage is claimed in the cache before its request, so two processes on one cache share the work;
 - with no endpoint configured (`base_url` or `OPENAI_BASE_URL`), a local llama.cpp server with
   the bundled Gemma-3-270m is started for the run (`llm_server.local_llm_server`).
 """
@@ -20,22 +21,22 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import openai
 from tqdm.auto import tqdm
 
 from mteb_steer.identity import stable_hash
 from mteb_steer.steering.banks import QueryBank, load_bank, save_bank
 from mteb_steer.steering.llm_cache import CacheEntry, QueryCache
+from mteb_steer.steering.llm_client import LLM, EndpointError, LLMClient, RequestFailed, Transport, endpoint_url
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
 from mteb_steer.steering.query_style import clean_style, style_instruction
 
@@ -46,7 +47,6 @@ Passages = Mapping[str, str] | Sequence[tuple[str, str]]
 
 CHARS_PER_TOKEN = 4  # token estimate for truncation: English/scientific text runs ~4 chars a token
 MIN_RETRY_TOKENS = 32  # a retry after an unusable answer never cuts the passage below this
-NO_KEY = "sk-no-key-needed"  # the openai client insists on some key; local servers ignore it
 
 # -- prompts (bump the version when the text changes; the text itself is in the cache key too) ----
 
@@ -172,12 +172,18 @@ class GenConfig:
             problems.append(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.max_passage_tokens < 16:
             problems.append(f"max_passage_tokens must be >= 16, got {self.max_passage_tokens}")
-        if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
-            problems.append("need concurrency >= 1, retries >= 0, timeout > 0 and backoff >= 0")
+        if self.concurrency < 1:
+            problems.append(f"concurrency must be >= 1, got {self.concurrency}")
         if self.query_style is not None and clean_style(self.query_style) != self.query_style:
             problems.append(f"query_style must be one non-empty line (query_style.clean_style), got {self.query_style!r}")
         if problems:
             raise ValueError("invalid generation config: " + "; ".join(problems))
+        self.transport()  # checks timeout, retries and backoff
+
+    def transport(self) -> Transport:
+        """How requests are sent (timeout, retries, backoff): the LLM client's settings."""
+        return Transport(timeout=self.timeout, retries=self.retries, backoff=self.backoff,
+                         backoff_cap=self.backoff_cap)
 
     @property
     def answer_tokens(self) -> int:
@@ -316,42 +322,28 @@ def parse_queries(answer: str, n: int, passage: str, *, truncated_answer: bool =
     return queries
 
 
-# -- retries ------------------------------------------------------------------------------------------
+# -- the generator ------------------------------------------------------------------------------------
 
-class GenerationError(RuntimeError):
-    """The endpoint rejects every request (bad key, unknown model or URL): the run stops."""
+class IncompleteGeneration(RuntimeError):
+    """Some passages got no queries and the caller did not allow it: no final result from a partial bank."""
 
 
-class PassageFailure(RuntimeError):
+class PassageFailure(RequestFailed):
     """One passage got no queries (attempts used up, or a request the endpoint rejects): recorded, not raised."""
 
 
-_RETRY_STATUS = {408, 409, 429}
-_FATAL_STATUS = {401, 403, 404}
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with equal jitter: uniform in [d/2, d], d = min(cap, base * 2**attempt)."""
-    d = min(cap, base * 2.0 ** attempt)
-    return d / 2 + rng.uniform(0, d / 2)
-
-
-def _retry_after(err: openai.APIStatusError) -> float | None:
-    try:
-        return float(err.response.headers.get("retry-after", ""))
-    except (ValueError, TypeError):
-        return None
-
-
-# -- the generator ------------------------------------------------------------------------------------
-
 @dataclass
 class GenerationReport:
-    """Outcome of a run: the bank (cached + new), what failed and why, and the cost."""
+    """Outcome of a run: the bank (cached + new), what failed and why, and the cost.
+
+    `from_other_workers` counts passages another process generated while this one waited for them
+    (both had claimed the same cache: each passage is requested once).
+    """
 
     bank: QueryBank = field(default_factory=dict)
     cached: int = 0
     generated: int = 0
+    from_other_workers: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     empty: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
@@ -360,171 +352,179 @@ class GenerationReport:
     completion_tokens: int = 0
     seconds: float = 0.0
 
+    @property
+    def passages(self) -> int:
+        """Passages that were to get queries (empty ones excluded)."""
+        return len(self.bank) + len(self.failures)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failures
+
+    def require_complete(self, allowed: str) -> None:
+        """Raise IncompleteGeneration (naming a failed passage, and `allowed`: how to accept it) if any passage failed."""
+        if self.failures:
+            raise IncompleteGeneration(
+                f"{len(self.failures)} of {self.passages} passages got no queries (e.g. "
+                f"{next(iter(self.failures.values()))}); rerun to retry them (finished ones are cached), or {allowed}")
+
     def summary(self) -> dict[str, Any]:
-        keys = ("cached", "generated", "requests", "prompt_tokens", "completion_tokens")
+        keys = ("cached", "generated", "from_other_workers", "requests", "prompt_tokens", "completion_tokens")
         return {"passages_with_queries": len(self.bank), "failed": len(self.failures), "empty": len(self.empty),
                 "truncated": len(self.truncated), **{k: getattr(self, k) for k in keys},
                 "seconds": round(self.seconds, 1)}
 
 
-def _endpoint(base_url: str | None) -> str | None:
-    return base_url or os.environ.get("OPENAI_BASE_URL") or None
+CLAIM_POLL_S = 0.5  # how often a worker looks again at passages another worker holds
 
 
 class QueryGenerator:
-    """Sends one request per passage to an OpenAI-compatible endpoint and parses N queries from it.
+    """Asks `llm` for each passage's queries (one request, N parsed queries) on `config.concurrency` threads."""
 
-    base_url / api_key default to OPENAI_BASE_URL / OPENAI_API_KEY. `config.model` must be set.
-    The openai client's own retries are off: this class retries (and counts requests) itself.
-    """
-
-    def __init__(self, config: GenConfig, *, base_url: str | None = None, api_key: str | None = None) -> None:
-        base_url = _endpoint(base_url)
-        if not base_url:
-            raise ValueError("no LLM endpoint: pass base_url (--llm-base-url) or set OPENAI_BASE_URL")
+    def __init__(self, config: GenConfig, llm: LLM) -> None:
         if config.model is None:
-            raise ValueError(f"no model name for endpoint {base_url}: pass --llm-model NAME")
+            raise ValueError(f"no model name for endpoint {llm.base_url}: pass --llm-model NAME")
         self.config = config
-        self.base_url = base_url
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY,
-                                    timeout=config.timeout, max_retries=0)
+        self.llm = llm
         self._system, self._template = config.template()
         self._lock = threading.Lock()
-        self._rng = random.Random(config.seed)
-        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = 0
 
     def _ask(self, passage: str, seed: int) -> tuple[str, bool, int, int]:
-        """One request: (answer text, answer cut by max_tokens, prompt tokens, completion tokens); counts it.
-
-        Raises UnparseableOutput when the body is not an OpenAI completion (retried like a bad answer).
-        """
+        """One request (retried by the client): (answer text, answer cut by max_tokens, prompt and completion tokens)."""
         cfg = self.config
-        with self._lock:
-            self.requests += 1
         params: dict[str, Any] = {"model": cfg.model, "max_tokens": cfg.answer_tokens, "temperature": cfg.temperature,
                                   "top_p": cfg.top_p, "seed": seed}
-        try:
-            if cfg.mode == "completion":
-                prompt = self._template.replace("{passage}", passage)
-                stop = ["\n\n", "Passage:", f"\n{cfg.num_queries + 1}."]
-                resp = self.client.completions.create(prompt=prompt, stop=stop, **params)
-            else:
-                messages = ([{"role": "system", "content": self._system}] if self._system else []) + [
-                    {"role": "user", "content": self._template.replace("{passage}", passage)}]
-                resp = self.client.chat.completions.create(messages=messages, **params)
-        except ValueError as err:  # the body is not JSON
-            raise UnparseableOutput(f"response is not JSON ({err})") from err
-        choices = getattr(resp, "choices", None)
-        if not choices:  # the openai client hands back non-OpenAI bodies as str / list / empty objects
-            raise UnparseableOutput(f"malformed response {str(resp)[:120]!r}")
-        choice = choices[0]
         if cfg.mode == "completion":
+            prompt = self._template.replace("{passage}", passage)
+            stop = ["\n\n", "Passage:", f"\n{cfg.num_queries + 1}."]
+            choice, usage = self._first(self.llm.complete(prompt=prompt, stop=stop, **params))
             text = ("1." if prompt.endswith("1.") else "") + (choice.text or "")
         else:
-            text = choice.message.content or ""
-        usage = resp.usage
+            messages = ([{"role": "system", "content": self._system}] if self._system else []) + [
+                {"role": "user", "content": self._template.replace("{passage}", passage)}]
+            choice, usage = self._first(self.llm.chat(messages=messages, **params))
+            text = getattr(getattr(choice, "message", None), "content", None) or ""
         p_tok, c_tok = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
         with self._lock:
             self.prompt_tokens += p_tok
             self.completion_tokens += c_tok
-        return text, choice.finish_reason == "length", p_tok, c_tok
+        return text, getattr(choice, "finish_reason", None) == "length", p_tok, c_tok
 
-    def _sleep_before_retry(self, attempt: int, floor: float | None = None) -> None:
-        with self._lock:
-            delay = backoff_delay(attempt, self.config.backoff, self.config.backoff_cap, self._rng)
-        time.sleep(min(self.config.backoff_cap, max(delay, floor or 0.0)))
+    @staticmethod
+    def _first(resp: Any) -> tuple[Any, Any]:
+        return resp.choices[0], getattr(resp, "usage", None)
 
-    def generate_one(self, doc_id: str, passage: str) -> CacheEntry:
-        """Queries for one passage, retrying transient errors and unusable answers.
+    def generate_one(self, doc_id: str, passage: str, keepalive: Callable[[], None] | None = None) -> CacheEntry:
+        """Queries for one passage; the client retries transport faults, this retries unusable answers.
 
         After the k-th unusable answer the next request uses seed + k and the passage cut to
         1/2**k of its length (at least MIN_RETRY_TOKENS): tiny models copy the prompt's examples
-        instead of reading a long passage, and a shorter one cures that. Transient errors retry
-        the same request. Raises PassageFailure naming `doc_id` when attempts run out, and
-        GenerationError at once for 401/403/404 (every other passage would fail the same way).
+        instead of reading a long passage, and a shorter one cures that. Raises PassageFailure
+        naming `doc_id` when attempts run out or the endpoint rejects the request; EndpointError
+        (from the client) stops the run. `keepalive` runs before each attempt (it renews the claim).
         """
         cfg = self.config
-        parse_failures = 0
-        last_error: Exception | None = None
+        last: Exception | None = None
         for attempt in range(cfg.retries + 1):
+            if keepalive is not None:
+                keepalive()
+            sent = passage if not attempt else truncate_passage(
+                passage, max(MIN_RETRY_TOKENS, len(passage) // CHARS_PER_TOKEN >> attempt))[0]
             try:
-                sent = passage if not parse_failures else truncate_passage(
-                    passage, max(MIN_RETRY_TOKENS, len(passage) // CHARS_PER_TOKEN >> parse_failures))[0]
-                answer, cut, p_tok, c_tok = self._ask(sent, cfg.seed + parse_failures)
-            except openai.APIStatusError as err:
-                if err.status_code in _FATAL_STATUS:
-                    raise GenerationError(f"{self.base_url} answered {err.status_code} for model {cfg.model!r} "
-                                          f"(passage {doc_id!r}): {err.message}") from err
-                if err.status_code not in _RETRY_STATUS and err.status_code < 500:
-                    raise PassageFailure(f"passage {doc_id!r}: request rejected ({err.status_code}): {err.message}") from err
-                last_error = err
-                if attempt < cfg.retries:
-                    self._sleep_before_retry(attempt, _retry_after(err))
-                continue
-            except openai.APIConnectionError as err:  # includes timeouts
-                last_error = err
-                if attempt < cfg.retries:
-                    self._sleep_before_retry(attempt)
-                continue
-            except UnparseableOutput as err:  # a 200 whose body is no OpenAI response (an HTML page, ...)
-                last_error = err
-                parse_failures += 1
-                continue
-            try:
+                answer, cut, p_tok, c_tok = self._ask(sent, cfg.seed + attempt)
                 queries = parse_queries(answer, cfg.num_queries, passage, truncated_answer=cut,
                                         require_overlap=cfg.require_overlap)
+            except RequestFailed as err:
+                raise PassageFailure(f"passage {doc_id!r}: {err}") from None
             except UnparseableOutput as err:
-                last_error = err
-                parse_failures += 1
+                last = err
                 continue
             return CacheEntry(queries=queries, raw=answer, prompt_tokens=p_tok, completion_tokens=c_tok)
-        kind = "unparseable output" if isinstance(last_error, UnparseableOutput) else type(last_error).__name__
-        raise PassageFailure(f"passage {doc_id!r}: {kind} after {cfg.retries + 1} attempt(s): {last_error}")
+        raise PassageFailure(f"passage {doc_id!r}: unparseable output after {cfg.retries + 1} attempt(s): {last}")
 
     def run(self, items: Sequence[tuple[str, str]], cache: QueryCache, report: GenerationReport,
             progress: tqdm | None = None) -> None:
-        """Generate for every item on `concurrency` threads; each result is cached as soon as it arrives."""
+        """Generate for every item; each passage is claimed in `cache` first and cached as soon as it arrives.
+
+        A passage another live worker holds is set aside and looked at again later (its queries
+        then come from the cache); a claim whose holder died is taken over. After
+        `max_failures_in_a_row` passages in a row fail, the run stops (EndpointError): the
+        model at the endpoint is not writing usable queries.
+        """
         identity = self.config.identity()
+        transport = self.config.transport()
+        ttl = (transport.retries + 1) * (transport.timeout + transport.backoff_cap) + 60
 
         def work(doc_id: str, passage: str) -> CacheEntry:
-            entry = self.generate_one(doc_id, passage)
-            cache.put(identity, passage, entry)
-            return entry
+            try:
+                entry = self.generate_one(doc_id, passage, keepalive=lambda: cache.claim(identity, passage, ttl))
+                cache.put(identity, passage, entry)
+                return entry
+            finally:
+                cache.release(identity, passage)
 
-        pending: dict[Future, str] = {}
-        todo = iter(items)
+        def take_if_cached(doc_id: str, passage: str) -> bool:
+            entry = cache.get(identity, passage)
+            if entry is None:
+                return False
+            report.bank[doc_id] = entry.queries
+            report.from_other_workers += 1
+            if progress is not None:
+                progress.update(1)
+            return True
+
+        queue, waiting = deque(items), []
+        pending: dict[Future, tuple[str, str]] = {}
+        failed_in_a_row = 0
         with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="genq") as pool:
             try:
-                while True:
+                while queue or waiting or pending:
                     # keep at most 2x concurrency in flight, so an interrupt leaves little queued work
-                    for doc_id, passage in todo:
-                        pending[pool.submit(work, doc_id, passage)] = doc_id
-                        if len(pending) >= 2 * self.config.concurrency:
-                            break
+                    while queue and len(pending) < 2 * self.config.concurrency:
+                        doc_id, passage = queue.popleft()
+                        if take_if_cached(doc_id, passage):
+                            continue
+                        if not cache.claim(identity, passage, ttl):
+                            waiting.append((doc_id, passage))
+                        elif take_if_cached(doc_id, passage):  # finished by its holder just before we claimed
+                            cache.release(identity, passage)
+                        else:
+                            pending[pool.submit(work, doc_id, passage)] = (doc_id, passage)
                     if not pending:
-                        break
+                        if waiting:  # every passage left is held by another worker: look again shortly
+                            time.sleep(CLAIM_POLL_S)
+                            queue.extend(waiting)
+                            waiting.clear()
+                        continue
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        doc_id = pending.pop(fut)
+                        doc_id, _passage = pending.pop(fut)
                         try:
                             entry = fut.result()
                         except PassageFailure as err:  # one passage failed for good: record it, go on
                             report.failures[doc_id] = str(err)
+                            failed_in_a_row += 1
+                            if failed_in_a_row >= transport.max_failures_in_a_row:
+                                raise EndpointError(
+                                    f"{self.llm.base_url}: {failed_in_a_row} passages in a row got no queries "
+                                    f"(e.g. {err}): check --llm-model and --llm-mode") from None
                         else:
                             report.bank[doc_id] = entry.queries
                             report.generated += 1
+                            failed_in_a_row = 0
                         if progress is not None:
                             progress.update(1)
                             progress.set_postfix(cached=report.cached, failed=len(report.failures), refresh=False)
             except BaseException:
-                for fut in pending:
-                    fut.cancel()
+                for fut, (_, passage) in pending.items():
+                    if fut.cancel():  # never started: its claim is ours to drop
+                        cache.release(identity, passage)
                 raise
             finally:
-                report.requests += self.requests
                 report.prompt_tokens += self.prompt_tokens
                 report.completion_tokens += self.completion_tokens
-                self.requests = self.prompt_tokens = self.completion_tokens = 0
+                self.prompt_tokens = self.completion_tokens = 0
 
 
 # -- the entry points ---------------------------------------------------------------------------------
@@ -543,6 +543,17 @@ def _embedded_config(config: GenConfig, server: LocalServerConfig) -> GenConfig:
     return replace(config, model=alias, concurrency=1)
 
 
+def _generate_at(url: str, api_key: str | None, config: GenConfig, todo: Sequence[tuple[str, str]],
+                 cache: QueryCache, report: GenerationReport, bar: tqdm) -> None:
+    """Health-check the endpoint, then generate `todo` through one client; the report counts its requests."""
+    llm = LLMClient(url, api_key, config.transport())
+    llm.check()
+    try:
+        QueryGenerator(config, llm).run(todo, cache, report, bar)
+    finally:
+        report.requests += llm.requests
+
+
 def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike, *, base_url: str | None = None,
              api_key: str | None = None, server: LocalServerConfig | None = None,
              show_progress: bool = True) -> GenerationReport:
@@ -551,10 +562,12 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
     Input is checked first (duplicate ids raise; empty passages are skipped, too-long ones cut, each
     with one warning). Without `base_url` / OPENAI_BASE_URL a local llama.cpp server (`server`, by
     default the bundled Gemma-3-270m) is started, and only when some passage is not cached yet.
-    Passages that fail for good are listed in `report.failures` (id -> reason), not raised.
+    Passages that fail for good are listed in `report.failures` (id -> reason), not raised; an
+    endpoint that cannot serve the run (nothing listens, key rejected, dead mid-run) raises
+    `EndpointError` with one line naming its URL (what finished is cached).
     """
     server = server or LocalServerConfig()
-    endpoint = _endpoint(base_url)
+    endpoint = endpoint_url(base_url)
     config = config if endpoint else _embedded_config(config, server)
     identity = config.identity()
     prepared = prepare_passages(passages, config.max_passage_tokens)
@@ -581,10 +594,10 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
                       disable=not show_progress) as bar:
                 bar.set_postfix(cached=report.cached, failed=0)
                 if endpoint:
-                    QueryGenerator(config, base_url=endpoint, api_key=api_key).run(todo, cache, report, bar)
+                    _generate_at(endpoint, api_key, config, todo, cache, report, bar)
                 else:
                     with local_llm_server(server) as local_url:
-                        QueryGenerator(config, base_url=local_url).run(todo, cache, report, bar)
+                        _generate_at(local_url, None, config, todo, cache, report, bar)
     report.bank = {doc_id: report.bank[doc_id] for doc_id, _ in prepared.items if doc_id in report.bank}
     report.seconds = time.monotonic() - start
     if report.failures:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mteb.types import PromptType
 
-from mteb_steer.steering.generation import GenConfig, _endpoint, generate, resolve_model
+from mteb_steer.steering.generation import GenConfig, generate, resolve_model
+from mteb_steer.steering.llm_client import endpoint_url
 from mteb_steer.steering.llm_server import LocalServerConfig
 from mteb_steer.steps import CorpusIndex, QueryBatch
 
@@ -72,7 +73,7 @@ class HyDE:
                  base_url: str | None = None, api_key: str | None = None, server: LocalServerConfig | None = None,
                  show_progress: bool = True) -> None:
         config = config or GenConfig()
-        if _endpoint(base_url) and config.model is None:
+        if endpoint_url(base_url) and config.model is None:
             raise ValueError("HyDE with an endpoint (base_url / OPENAI_BASE_URL) needs the model name (config.model)")
         if n < 1:
             raise ValueError(f"HyDE needs n >= 1 hypothetical passages per query, got {n}")

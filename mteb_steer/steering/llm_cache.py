@@ -5,12 +5,16 @@ arrive, so a killed run loses nothing and a rerun continues; a second run over t
 finds every entry and sends no request at all. The key is `identity.stable_hash` over the
 generator identity (model, mode, prompt version and text, generation parameters; never a key or
 URL) and the exact passage text sent, so any change that alters the output gets new entries.
-`diskcache` makes the store safe for several threads and processes at once.
+`diskcache` makes the store safe for several threads and processes at once; a worker claims a
+passage (`claim`) before requesting it, so two processes on one cache never ask twice. A claim
+expires unless renewed, and one held by a dead process on this machine is taken over at once.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,20 @@ from mteb_steer.identity import stable_hash
 from mteb_steer.steering.banks import QueryBank
 
 KEY_LENGTH = 32  # hex chars of sha256: collisions are out of reach for any corpus
+CLAIM_PREFIX = "claim:"  # claim entries live beside the query entries, under the same key
+
+
+def _alive(owner: Mapping[str, Any]) -> bool:
+    """Whether a claim's holder may still be working: a process on this host is checked, others are trusted."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,29 @@ class QueryCache:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         self._store = diskcache.Cache(str(self.directory))
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+
+    def claim(self, identity: Mapping[str, Any], passage: str, ttl: float) -> bool:
+        """Take (or renew) the right to generate `passage` for `ttl` seconds; False while another live worker holds it.
+
+        Atomic across processes (one SQLite transaction). A claim lapses after `ttl` unless renewed,
+        and one whose holder is a dead process on this host is taken over at once (a `kill -9`ed run).
+        """
+        key = CLAIM_PREFIX + cache_key(identity, passage)
+        with self._store.transact():
+            held = self._store.get(key)
+            if held is not None and held["token"] != self.owner["token"] and _alive(held):
+                return False
+            self._store.set(key, self.owner, expire=ttl)
+            return True
+
+    def release(self, identity: Mapping[str, Any], passage: str) -> None:
+        """Drop this worker's claim on `passage` (after its queries are stored, or it failed)."""
+        key = CLAIM_PREFIX + cache_key(identity, passage)
+        with self._store.transact():
+            held = self._store.get(key)
+            if held is not None and held["token"] == self.owner["token"]:
+                self._store.delete(key)
 
     def get(self, identity: Mapping[str, Any], passage: str) -> CacheEntry | None:
         value = self._store.get(cache_key(identity, passage))

@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import random
 import re
-import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
@@ -32,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import diskcache
 import numpy as np
-import openai
 import torch
 from mteb.types import PromptType
 from tqdm.auto import tqdm
@@ -40,17 +35,9 @@ from tqdm.auto import tqdm
 from mteb_steer.blocks import dense_tiles, gather_pairs, plan_blocks
 from mteb_steer.identity import stable_hash
 from mteb_steer.steering.banks import QueryBank
-from mteb_steer.steering.generation import (
-    _FATAL_STATUS,
-    _RETRY_STATUS,
-    NO_KEY,
-    PassageFailure,
-    _endpoint,
-    _retry_after,
-    backoff_delay,
-    truncate_passage,
-)
+from mteb_steer.steering.generation import truncate_passage
 from mteb_steer.steering.lexical import LexicalHybrid, identical_id_mask, lexical_scores
+from mteb_steer.steering.llm_client import LLM, EndpointError, LLMClient, RequestFailed, Transport, endpoint_url
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
 from mteb_steer.steering.refine import candidate_similarity, similarity_name
 from mteb_steer.steps import CorpusIndex, QueryBatch, Step, Tile
@@ -240,8 +227,8 @@ _YES = re.compile(r"[\W_\u2581\u0120]*yes[\W_]*", re.IGNORECASE)
 _NO = re.compile(r"[\W_\u2581\u0120]*no[\W_]*", re.IGNORECASE)
 
 
-class JudgeError(RuntimeError):
-    """The endpoint cannot judge at all (rejects the requests, or returns no log-probabilities)."""
+class JudgeError(EndpointError):
+    """The endpoint cannot judge at all (returns no log-probabilities): the run stops."""
 
 
 def yes_probability(top_logprobs: Sequence[tuple[str, float]]) -> float:
@@ -259,8 +246,8 @@ class LLMJudgeTeacher:
     """An OpenAI-compatible LLM as relevance judge: P(yes) from the first answer token's log-probabilities.
 
     One request per distinct (query, passage) pair (max_tokens=1, temperature 0, top_logprobs),
-    on `concurrency` threads with the generation module's retry policy (backoff on 408/409/429,
-    5xx and connection errors; 401/403/404 stop the run). Each judgement is stored in a diskcache
+    on `concurrency` threads through `llm_client.LLMClient` (health check, retries, a dead endpoint
+    or rejected key stops the run with `EndpointError`). Each judgement is stored in a diskcache
     under `stable_hash(model, prompt version and text, query, passage)` the moment it arrives, so a
     rerun sends nothing. A pair that still fails, or whose top tokens hold neither yes nor no,
     scores NaN and its query is left unrefined (not cached, so a rerun retries it).
@@ -280,14 +267,13 @@ class LLMJudgeTeacher:
     def __init__(self, model: str | None = None, *, cache_dir: str | Path, base_url: str | None = None,
                  api_key: str | None = None, mode: str = "chat", server: LocalServerConfig | None = None,
                  max_passage_tokens: int = 384, top_logprobs: int = 10, concurrency: int = 4,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, backoff_cap: float = 30.0) -> None:
+                 transport: Transport | None = None) -> None:
         if mode not in ("chat", "completion"):
             raise ValueError(f"LLM judge mode must be 'chat' or 'completion', got {mode!r}")
-        if not 1 <= top_logprobs <= 20 or max_passage_tokens < 16 or concurrency < 1 or retries < 0:
+        if not 1 <= top_logprobs <= 20 or max_passage_tokens < 16 or concurrency < 1:
             raise ValueError("LLM judge needs 1 <= top_logprobs <= 20, max_passage_tokens >= 16, "
-                             f"concurrency >= 1, retries >= 0 (got {top_logprobs}, {max_passage_tokens}, "
-                             f"{concurrency}, {retries})")
-        self.base_url = _endpoint(base_url)
+                             f"concurrency >= 1 (got {top_logprobs}, {max_passage_tokens}, {concurrency})")
+        self.base_url = endpoint_url(base_url)
         self.server = None
         if self.base_url is None:  # embedded server: one request at a time, log-probabilities on
             self.server = replace(server or LocalServerConfig(), logits_all=True)
@@ -304,9 +290,7 @@ class LLMJudgeTeacher:
         self.max_passage_tokens = max_passage_tokens
         self.top_logprobs = top_logprobs
         self.concurrency = concurrency
-        self.timeout, self.retries, self.backoff, self.backoff_cap = timeout, retries, backoff, backoff_cap
-        self._rng = random.Random(0)
-        self._lock = threading.Lock()
+        self.transport = transport or Transport(timeout=60.0)
         self.requests = 0
         self.failures: dict[tuple[str, str], str] = {}
         self.tag = "llm-" + Path(model).name
@@ -360,66 +344,54 @@ class LLMJudgeTeacher:
 
     def _ask_all(self, base_url: str, todo: list[tuple[str, str]], cache: diskcache.Cache,
                  out: dict[tuple[str, str], float]) -> None:
-        client = openai.OpenAI(base_url=base_url, api_key=self.api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY,
-                               timeout=self.timeout, max_retries=0)
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool, \
-                tqdm(total=len(todo), desc="LLM judge", unit="pair", disable=len(todo) < 20) as bar:
-            futures = {pool.submit(self._ask, client, *pair): pair for pair in todo}
-            for fut in as_completed(futures):
-                pair = futures[fut]
-                try:
-                    p_yes, top = fut.result()
-                except PassageFailure as err:
-                    self.failures[pair] = str(err)
-                else:
-                    if math.isnan(p_yes):
-                        self.failures[pair] = f"neither yes nor no among the top tokens {top[:5]}"
+        llm = LLMClient(base_url, self.api_key, self.transport)
+        llm.check()
+        try:
+            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge") as pool, \
+                    tqdm(total=len(todo), desc="LLM judge", unit="pair", disable=len(todo) < 20) as bar:
+                futures = {pool.submit(self._ask, llm, *pair): pair for pair in todo}
+                for fut in as_completed(futures):
+                    pair = futures[fut]
+                    try:
+                        p_yes, top = fut.result()
+                    except RequestFailed as err:
+                        self.failures[pair] = str(err)
                     else:
-                        cache.set(self._key(*pair), {"p_yes": p_yes, "top": top})
-                        out[pair] = p_yes
-                bar.update(1)
+                        if math.isnan(p_yes):
+                            self.failures[pair] = f"neither yes nor no among the top tokens {top[:5]}"
+                        else:
+                            cache.set(self._key(*pair), {"p_yes": p_yes, "top": top})
+                            out[pair] = p_yes
+                    bar.update(1)
+        finally:
+            self.requests += llm.requests
 
-    def _ask(self, client: openai.OpenAI, query: str, passage: str) -> tuple[float, list[tuple[str, float]]]:
-        """One judgement with retries: (P(yes), first-token top log-probabilities)."""
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            with self._lock:
-                self.requests += 1
-            try:
-                top = self._first_token_logprobs(client, query, passage)
-                return yes_probability(top), top
-            except openai.APIStatusError as err:
-                if err.status_code in _FATAL_STATUS or "logprobs" in str(err.message):
-                    raise JudgeError(f"{client.base_url} answered {err.status_code} for model {self.model!r}: "
-                                     f"{err.message} (a llama.cpp server needs --logits_all True for logprobs)") from err
-                if err.status_code not in _RETRY_STATUS and err.status_code < 500:
-                    raise PassageFailure(f"request rejected ({err.status_code}): {err.message}") from err
-                last, floor = err, _retry_after(err)
-            except openai.APIConnectionError as err:  # includes timeouts
-                last, floor = err, None
-            if attempt < self.retries:
-                with self._lock:
-                    delay = backoff_delay(attempt, self.backoff, self.backoff_cap, self._rng)
-                time.sleep(min(self.backoff_cap, max(delay, floor or 0.0)))
-        raise PassageFailure(f"{type(last).__name__} after {self.retries + 1} attempt(s): {last}")
-
-    def _first_token_logprobs(self, client: openai.OpenAI, query: str, passage: str) -> list[tuple[str, float]]:
+    def _ask(self, llm: LLM, query: str, passage: str) -> tuple[float, list[tuple[str, float]]]:
+        """One judgement (the client retries): (P(yes), first-token top log-probabilities)."""
         params = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
-        if self.mode == "chat":
-            messages = [{"role": "system", "content": JUDGE_SYSTEM},
-                        {"role": "user", "content": JUDGE_USER.format(query=query, passage=passage)}]
-            resp = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=self.top_logprobs,
-                                                  **params)
-            logprobs = resp.choices[0].logprobs if resp.choices else None
-            if logprobs is None or not logprobs.content:
-                raise JudgeError(f"{client.base_url} returned no log-probabilities for model {self.model!r}")
-            return [(t.token, float(t.logprob)) for t in logprobs.content[0].top_logprobs]
-        resp = client.completions.create(prompt=JUDGE_COMPLETION.format(query=query, passage=passage),
-                                         logprobs=self.top_logprobs, **params)
-        logprobs = resp.choices[0].logprobs if resp.choices else None
-        if logprobs is None or not logprobs.top_logprobs:
-            raise JudgeError(f"{client.base_url} returned no log-probabilities for model {self.model!r}")
-        return [(tok, float(lp)) for tok, lp in logprobs.top_logprobs[0].items()]
+        no_logprobs = JudgeError(f"{llm.base_url} returned no log-probabilities for model {self.model!r} "
+                                 "(a llama.cpp server needs --logits_all True for them)")
+        try:
+            if self.mode == "chat":
+                messages = [{"role": "system", "content": JUDGE_SYSTEM},
+                            {"role": "user", "content": JUDGE_USER.format(query=query, passage=passage)}]
+                resp = llm.chat(messages=messages, logprobs=True, top_logprobs=self.top_logprobs, **params)
+                logprobs = resp.choices[0].logprobs
+                if logprobs is None or not logprobs.content:
+                    raise no_logprobs
+                top = [(t.token, float(t.logprob)) for t in logprobs.content[0].top_logprobs]
+            else:
+                resp = llm.complete(prompt=JUDGE_COMPLETION.format(query=query, passage=passage),
+                                    logprobs=self.top_logprobs, **params)
+                logprobs = resp.choices[0].logprobs
+                if logprobs is None or not logprobs.top_logprobs:
+                    raise no_logprobs
+                top = [(tok, float(lp)) for tok, lp in logprobs.top_logprobs[0].items()]
+        except RequestFailed as err:
+            if "logprobs" in str(err):
+                raise JudgeError(f"{err} (a llama.cpp server needs --logits_all True for logprobs)") from None
+            raise
+        return yes_probability(top), top
 
 
 # -- lexical (BM25 / hybrid) ------------------------------------------------------------------------
@@ -491,7 +463,8 @@ def make_teacher(spec: str, *, encoder: SteerEncoder | None = None, task_name: s
                  device: str | None = None, ignore_identical_ids: bool = False, bank: QueryBank | None = None,
                  lexical_index_dir: str | Path | None = None, lexical_weight: float | None = None,
                  lexical_fusion: str | None = None, llm_base_url: str | None = None, llm_api_key: str | None = None,
-                 llm_cache_dir: str | Path | None = None, llm_server: LocalServerConfig | None = None) -> Teacher:
+                 llm_cache_dir: str | Path | None = None, llm_server: LocalServerConfig | None = None,
+                 llm_transport: Transport | None = None) -> Teacher:
     """The teacher named by `--refine-teacher SPEC` (one of TEACHER_KINDS), checked before any model loads.
 
     gold needs `qrels` and `task_name` (the evaluated split's labels: oracle only); embedding uses
@@ -517,7 +490,7 @@ def make_teacher(spec: str, *, encoder: SteerEncoder | None = None, task_name: s
         if llm_cache_dir is None:
             raise ValueError("--refine-teacher llm:MODEL needs a judgement cache folder (llm_cache_dir)")
         return LLMJudgeTeacher(arg.strip() or None, cache_dir=llm_cache_dir, base_url=llm_base_url,
-                               api_key=llm_api_key, server=llm_server)
+                               api_key=llm_api_key, server=llm_server, transport=llm_transport)
     if kind == "bm25":
         return LexicalTeacher(LexicalHybrid(weight=1.0, fusion="zscore", bank=bank, index_dir=lexical_index_dir),
                               ignore_identical_ids=ignore_identical_ids)
