@@ -338,17 +338,22 @@ SCENARIOS: list[Callable[[Path], dict[str, Any]]] = [
 
 
 def main(argv: list[str]) -> int:
+    """`fault_suite_llm.py [OUT.json] [SCENARIO ...]`: run all (or the named) scenarios; named ones replace
+    their records in an existing OUT.json."""
     import tempfile
 
     out = Path(argv[0]) if argv else REPO / "results" / "reliability" / "faults_llm.json"
-    records = []
-    for scenario in SCENARIOS:
+    chosen = [s for s in SCENARIOS if not argv[1:] or s.__name__ in argv[1:]]
+    old = json.loads(out.read_text())["records"] if out.exists() and argv[1:] else []
+    records = {r["function"]: r for r in old}
+    for scenario in chosen:
         with tempfile.TemporaryDirectory(prefix="fault-") as tmp:
-            record = scenario(Path(tmp))
+            record = {"function": scenario.__name__, **scenario(Path(tmp))}
         print(json.dumps(record), flush=True)
-        records.append(record)
+        records[scenario.__name__] = record
+    ordered = [records[s.__name__] for s in SCENARIOS if s.__name__ in records]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python scripts/fault_suite_llm.py", "records": records}, indent=2) + "\n")
+    out.write_text(json.dumps({"command": "python scripts/fault_suite_llm.py", "records": ordered}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -543,13 +543,16 @@ def _embedded_config(config: GenConfig, server: LocalServerConfig) -> GenConfig:
     return replace(config, model=alias, concurrency=1)
 
 
-def _generate_at(url: str, api_key: str | None, config: GenConfig, todo: Sequence[tuple[str, str]],
-                 cache: QueryCache, report: GenerationReport, bar: tqdm) -> None:
+def _generate_at(url: str, api_key: str | None, config: GenConfig, todo: Sequence[tuple[str, str]], total: int,
+                 cache: QueryCache, report: GenerationReport, show_progress: bool) -> None:
     """Health-check the endpoint, then generate `todo` through one client; the report counts its requests."""
     llm = LLMClient(url, api_key, config.transport())
     llm.check()
     try:
-        QueryGenerator(config, llm).run(todo, cache, report, bar)
+        with tqdm(total=total, initial=report.cached, desc="generating queries", unit="passage",
+                  disable=not show_progress) as bar:
+            bar.set_postfix(cached=report.cached, failed=0)
+            QueryGenerator(config, llm).run(todo, cache, report, bar)
     finally:
         report.requests += llm.requests
 
@@ -590,14 +593,12 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
                 report.bank[doc_id] = entry.queries
         report.cached = len(report.bank)
         if todo:
-            with tqdm(total=len(prepared.items), initial=report.cached, desc="generating queries", unit="passage",
-                      disable=not show_progress) as bar:
-                bar.set_postfix(cached=report.cached, failed=0)
-                if endpoint:
-                    _generate_at(endpoint, api_key, config, todo, cache, report, bar)
-                else:
-                    with local_llm_server(server) as local_url:
-                        _generate_at(local_url, None, config, todo, cache, report, bar)
+            total = len(prepared.items)
+            if endpoint:
+                _generate_at(endpoint, api_key, config, todo, total, cache, report, show_progress)
+            else:
+                with local_llm_server(server) as local_url:
+                    _generate_at(local_url, None, config, todo, total, cache, report, show_progress)
     report.bank = {doc_id: report.bank[doc_id] for doc_id, _ in prepared.items if doc_id in report.bank}
     report.seconds = time.monotonic() - start
     if report.failures:
