@@ -3,7 +3,8 @@
 Each scenario is a function `(workdir) -> record` with the keys `scenario`, `user_sees` (the one
 line the user is left with), `exit_code`, `requests_sent` (counted on the server side, all runs of
 the scenario together), `lost` (answers the endpoint delivered in full that are not in the cache
-afterwards: finished work thrown away), plus `seconds` and scenario details. The endpoint is
+afterwards: finished work thrown away; after a kill -9 these are the answers in flight at the
+kill), plus `seconds` and scenario details. The endpoint is
 `tests/fault_stub.py` on a loopback port; the data are 25 real SciFact passages.
 `scripts/fault_suite.py` (the framework) imports SCENARIOS; `python scripts/fault_suite_llm.py OUT.json`
 runs them alone and writes the raw records.
@@ -76,9 +77,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from mteb_steer.cli import main; sys.exit(main())", *args]
 
 
-def _generate_args(workdir: Path, url: str, *extra: str) -> list[str]:
-    return _cli("generate", "-t", str(tiny_scifact(workdir)), "--llm-base-url", url, "--llm-model", MODEL,
-                "--cache-dir", str(workdir / "cache"), "--llm-timeout", "2", *extra)
+def _generate_args(workdir: Path, url: str, *extra: str, cache: str = "cache", verbose: bool = False) -> list[str]:
+    return _cli(*(["-v"] if verbose else []), "generate", "-t", str(tiny_scifact(workdir)), "--llm-base-url", url,
+                "--llm-model", MODEL, "--cache-dir", str(workdir / cache), "--llm-timeout", "2", *extra)
 
 
 def _start(args: list[str], key: str | None = None) -> subprocess.Popen:
@@ -142,41 +143,45 @@ def nothing_listening(workdir: Path) -> dict[str, Any]:
     return _record("LLM endpoint: nothing listening", proc, [], workdir, started)
 
 
-def http_500(workdir: Path) -> dict[str, Any]:
+def _against_stub(workdir: Path, name: str, **stub_options: Any) -> dict[str, Any]:
+    """One `generate` run against a stub set up with `stub_options`."""
     started = time.monotonic()
-    with fault_stub(default="500", echo=True) as (url, stub):
+    with fault_stub(echo=True, **stub_options) as (url, stub):
         proc = _run(_generate_args(workdir, url))
-    return _record("LLM endpoint: HTTP 500 on every request", proc, [stub], workdir, started)
+    return _record(name, proc, [stub], workdir, started, **_retry_gaps(stub))
+
+
+def _retry_gaps(stub: FaultStub) -> dict[str, float]:
+    """The shortest wait before a passage's request was sent again (server side), when any was."""
+    seen: dict[str, float] = {}
+    gaps = []
+    for body, at in zip(stub.requests, stub.times, strict=True):
+        prompt = body.get("prompt", "")
+        if prompt in seen:
+            gaps.append(at - seen[prompt])
+        seen[prompt] = at
+    return {"shortest_wait_before_a_retry_s": round(min(gaps), 2)} if gaps else {}
+
+
+def http_500(workdir: Path) -> dict[str, Any]:
+    return _against_stub(workdir, "LLM endpoint: HTTP 500 on every request", default="500")
 
 
 def http_429_retry_after(workdir: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    with fault_stub(script=["429:1"] * 3, echo=True) as (url, stub):
-        proc = _run(_generate_args(workdir, url))
-    waited = round(min(b - a for a, b in zip(stub.times, stub.times[3:], strict=False)), 2)
-    return _record("LLM endpoint: HTTP 429 with Retry-After: 1 (first 3 requests)", proc, [stub], workdir, started,
-                   min_wait_before_retry_s=waited)
+    return _against_stub(workdir, "LLM endpoint: HTTP 429 with Retry-After: 1 (first 3 requests)",
+                         script=["429:1"] * 3)
 
 
 def http_429_no_retry_after(workdir: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    with fault_stub(script=["429"] * 3, echo=True) as (url, stub):
-        proc = _run(_generate_args(workdir, url))
-    return _record("LLM endpoint: HTTP 429 without Retry-After (first 3 requests)", proc, [stub], workdir, started)
+    return _against_stub(workdir, "LLM endpoint: HTTP 429 without Retry-After (first 3 requests)", script=["429"] * 3)
 
 
 def invalid_json(workdir: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    with fault_stub(default="badjson", echo=True) as (url, stub):
-        proc = _run(_generate_args(workdir, url))
-    return _record("LLM endpoint: invalid JSON on every request", proc, [stub], workdir, started)
+    return _against_stub(workdir, "LLM endpoint: invalid JSON on every request", default="badjson")
 
 
 def no_usable_queries(workdir: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    with fault_stub(default="garbage", echo=True) as (url, stub):
-        proc = _run(_generate_args(workdir, url))
-    return _record("LLM endpoint: valid responses with no usable query", proc, [stub], workdir, started)
+    return _against_stub(workdir, "LLM endpoint: valid responses with no usable query", default="garbage")
 
 
 def some_passages_fail_then_rerun(workdir: Path) -> dict[str, Any]:
@@ -192,19 +197,13 @@ def some_passages_fail_then_rerun(workdir: Path) -> dict[str, Any]:
 
 
 def timeout_everything(workdir: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    with fault_stub(default="stall", health="stall", stall_s=30.0, echo=True) as (url, stub):
-        proc = _run(_generate_args(workdir, url))
-    return _record("LLM endpoint: accepts connections, never answers (--llm-timeout 2)", proc, [stub], workdir,
-                   started)
+    return _against_stub(workdir, "LLM endpoint: accepts connections, never answers (--llm-timeout 2)",
+                         default="stall", health="stall", stall_s=30.0)
 
 
 def timeout_completions(workdir: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    with fault_stub(default="stall", stall_s=30.0, echo=True) as (url, stub):
-        proc = _run(_generate_args(workdir, url))
-    return _record("LLM endpoint: health check ok, completions never answer (--llm-timeout 2)", proc, [stub],
-                   workdir, started)
+    return _against_stub(workdir, "LLM endpoint: health check ok, completions never answer (--llm-timeout 2)",
+                         default="stall", stall_s=30.0)
 
 
 def endpoint_dies_mid_run(workdir: Path) -> dict[str, Any]:
@@ -306,12 +305,13 @@ def secret_never_written(workdir: Path) -> dict[str, Any]:
     started = time.monotonic()
     folder = tiny_scifact(workdir)
     with fault_stub(key=SECRET, echo=True) as (url, stub):
-        runs = [_run(_generate_args(workdir, url, "--export", str(workdir / "bank.jsonl.gz")) + ["-v"], key=SECRET),
+        export = ("--export", str(workdir / "bank.jsonl.gz"))
+        runs = [_run(_generate_args(workdir, url, *export, verbose=True), key=SECRET),
                 _run(_cli("-v", "evaluate", "-t", str(folder), "--fusion", "mean", "--alpha", "0.5", "--llm-base-url",
                           url, "--llm-model", MODEL, "--cache-dir", str(workdir / "cache"), "--output-folder",
                           str(workdir / "out"), "--embedding-cache", str(workdir / "emb")), key=SECRET)]
     with fault_stub(key="sk-another-key", echo=True) as (url, rejecting):  # the key in a 401 the server echoes
-        runs.append(_run(_generate_args(workdir, url), key=SECRET))
+        runs.append(_run(_generate_args(workdir, url, cache="cache-401", verbose=True), key=SECRET))
     files = [p for p in workdir.rglob("*") if p.is_file() and p.parent != folder and folder not in p.parents]
     holding = [str(p.relative_to(workdir)) for p in files if SECRET.encode() in _read_all(p)]
     output_hits = sum(SECRET in r.stdout + r.stderr for r in runs)

@@ -149,9 +149,12 @@ def test_fault_scenario_through_the_cli(scenario, tmp_path):
     record = scenario(tmp_path)
     exit_code, most_requests = EXPECTED[scenario.__name__]
     assert record["exit_code"] == exit_code and record["requests_sent"] <= most_requests
-    assert record["lost"] == 0 and record["user_sees"]
+    # lost: answers the server delivered that are not cached; only a kill -9 loses some (those in flight)
+    assert record["lost"] <= (GenConfig().concurrency if scenario.__name__ == "kill9_then_rerun" else 0)
+    assert record["user_sees"]
     assert "Traceback" not in record["user_sees"]
     if "rerun_requests" in record:
         assert record.get("repeated_for_finished", 0) == 0 and record["rerun_exit_code"] == 0
     if scenario.__name__ == "secret_never_written":
         assert record["files_holding_key"] == [] and record["outputs_holding_key"] == 0
+        assert record["exit_codes"] == [0, 0, EXIT_LLM] and record["key_was_sent"] > 0

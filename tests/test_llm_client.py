@@ -33,7 +33,7 @@ def test_nothing_listening_is_fatal_before_any_request(tmp_path):
 
 def test_hung_endpoint_costs_one_timeout(tmp_path):
     with fault_stub(health="stall", stall_s=5.0) as (url, stub), \
-            pytest.raises(EndpointError, match=r"sent no answer within 0.5 s.*--llm-timeout"):
+            pytest.raises(EndpointError, match=r"accepts connections but sent no answer within 0.5 s.*--llm-timeout"):
         generate(MANY, GenConfig(**{**FAST, "timeout": 0.5}), tmp_path, base_url=url, show_progress=False)
     assert stub.requests == [] and stub.health_checks == 1
 

@@ -608,12 +608,6 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
     return report
 
 
-def generate_bank(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike,
-                  base_url: str | None = None, **kwargs: Any) -> QueryBank:
-    """The query bank for `passages` (see `generate`): what a corpus step needs."""
-    return generate(passages, config, cache_dir, base_url=base_url, **kwargs).bank
-
-
 def export_bank(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike, path: str | os.PathLike,
                 server: LocalServerConfig | None = None) -> QueryBank:
     """Write the cached queries of `passages` under `config` to a JSONL(.gz) bank; partial coverage is fine.

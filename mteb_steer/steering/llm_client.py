@@ -142,7 +142,7 @@ class LLMClient:
         try:
             self._client.models.list()
         except openai.APITimeoutError:
-            raise EndpointError(self._message("timeout", 1)) from None
+            raise EndpointError(self._message("hung", 0)) from None
         except openai.APIConnectionError as err:
             reason = self._mask(str(err.__cause__ or err))[:120]
             raise EndpointError(f"nothing answers at {self.base_url} ({reason}): start the LLM server, "
@@ -171,6 +171,8 @@ class LLMClient:
             "auth": f"{url} rejected the API key (HTTP {n}): set OPENAI_API_KEY to a key this endpoint accepts",
             "connection": f"nothing answers at {url} any more ({n} connection failure(s) in a row): "
                           "is the LLM server still running? Restart it, then rerun (finished work is cached)",
+            "hung": f"{url} accepts connections but sent no answer within {t:g} s: the server is hung or "
+                    "overloaded; restart it, or allow more time with --llm-timeout",
             "timeout": f"{url} sent no answer within {t:g} s ({n} request(s) in a row): the server is hung or "
                        "overloaded; restart it, or allow more time with --llm-timeout",
             "status": f"{url} failed {n} request(s) in a row with HTTP 5xx/408/409: see the server's log, "
