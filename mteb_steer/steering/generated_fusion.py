@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def task_passages(task: Any) -> dict[str, str]:
-    """`{doc_id: passage text}` over every subset and eval split of a retrieval task, as `SteerSearch.index` sees them."""
+    """`{doc_id: passage text}` over every subset and eval split of a task, as `SteerSearch.index` sees them."""
     from mteb_steer.encoder import dataset_passage_texts
 
     task.load_data()

@@ -362,7 +362,7 @@ class GenerationReport:
         return not self.failures
 
     def require_complete(self, allowed: str) -> None:
-        """Raise IncompleteGeneration (naming a failed passage, and `allowed`: how to accept it) if any passage failed."""
+        """Raise IncompleteGeneration if any passage failed, naming one and `allowed` (how to accept gaps)."""
         if self.failures:
             raise IncompleteGeneration(
                 f"{len(self.failures)} of {self.passages} passages got no queries (e.g. "
@@ -391,7 +391,7 @@ class QueryGenerator:
         self.prompt_tokens = self.completion_tokens = 0
 
     def _ask(self, passage: str, seed: int) -> tuple[str, bool, int, int]:
-        """One request (retried by the client): (answer text, answer cut by max_tokens, prompt and completion tokens)."""
+        """One request (retried by the client): (answer, cut by max_tokens, prompt tokens, completion tokens)."""
         cfg = self.config
         params: dict[str, Any] = {"model": cfg.model, "max_tokens": cfg.answer_tokens, "temperature": cfg.temperature,
                                   "top_p": cfg.top_p, "seed": seed}
