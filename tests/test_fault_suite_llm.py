@@ -135,7 +135,7 @@ def test_api_key_never_reaches_files_logs_or_messages(folder, tmp_path, capsys, 
 
 EXPECTED = {  # scenario function -> (exit code, most requests it may send)
     "nothing_listening": (EXIT_LLM, 0), "http_500": (EXIT_LLM, 9), "http_429_retry_after": (0, 28),
-    "http_429_no_retry_after": (0, 28), "invalid_json": (EXIT_LLM, 9), "no_usable_queries": (EXIT_LLM, 40),
+    "http_429_no_retry_after": (0, 28), "invalid_json": (EXIT_LLM, 9), "no_usable_queries": (EXIT_LLM, 32),
     "some_passages_fail_then_rerun": (EXIT_INCOMPLETE, 27), "timeout_everything": (EXIT_LLM, 0),
     "timeout_completions": (EXIT_LLM, 9), "endpoint_dies_mid_run": (EXIT_LLM, 40), "wrong_key": (EXIT_LLM, 0),
     "kill9_then_rerun": (-9, 40), "two_processes_one_cache": (0, 25),

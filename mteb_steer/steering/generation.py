@@ -388,6 +388,7 @@ class QueryGenerator:
         self.llm = llm
         self._system, self._template = config.template()
         self._lock = threading.Lock()
+        self._halt: EndpointError | None = None  # set when the run stops: running workers give up at once
         self.prompt_tokens = self.completion_tokens = 0
 
     def _ask(self, passage: str, seed: int) -> tuple[str, bool, int, int]:
@@ -427,6 +428,8 @@ class QueryGenerator:
         cfg = self.config
         last: Exception | None = None
         for attempt in range(cfg.retries + 1):
+            if self._halt is not None:
+                raise self._halt
             if keepalive is not None:
                 keepalive()
             sent = passage if not attempt else truncate_passage(
@@ -506,9 +509,10 @@ class QueryGenerator:
                             report.failures[doc_id] = str(err)
                             failed_in_a_row += 1
                             if failed_in_a_row >= transport.max_failures_in_a_row:
-                                raise EndpointError(
+                                self._halt = EndpointError(
                                     f"{self.llm.base_url}: {failed_in_a_row} passages in a row got no queries "
-                                    f"(e.g. {err}): check --llm-model and --llm-mode") from None
+                                    f"(e.g. {err}): check --llm-model and --llm-mode")
+                                raise self._halt from None
                         else:
                             report.bank[doc_id] = entry.queries
                             report.generated += 1
