@@ -8,6 +8,7 @@ pseudo-queries out of the tuning text, and its rule keeps the reference unless b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections.abc import Mapping
 
 import mteb
@@ -64,11 +65,25 @@ def test_style_reaches_the_prompt_and_the_cache_key(tmp_path, mode):
 
 
 def test_generated_fusion_identity_carries_the_task_style(tmp_path, encoder):
-    def revision(style: str) -> str:
-        config = SteerConfig(fusion="mean", llm_cache_dir=str(tmp_path), query_style=style)
-        return build_model(config, encoder=encoder, task=mteb.get_task("SciFact")).mteb_model_meta.revision
+    import sys
 
-    assert revision("task") != revision("generic") != revision("Find claims")
+    from fault_stub import fault_stub
+
+    from mteb_steer.tasks import local_copy
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from fault_suite_llm import tiny_scifact
+
+    # SciFact's metadata (its declared style) over 25 of its passages: generate-then-fuse generates when built
+    task = local_copy(mteb.get_task("SciFact"), tiny_scifact(tmp_path))
+
+    def revision(style: str, url: str) -> str:
+        config = SteerConfig(fusion="mean", llm_cache_dir=str(tmp_path / "cache"), query_style=style,
+                             llm_base_url=url, llm_model="stub-model")
+        return build_model(config, encoder=encoder, task=task).mteb_model_meta.revision
+
+    with fault_stub(echo=True) as (url, _):
+        assert revision("task", url) != revision("generic", url) != revision("Find claims", url)
 
 
 # -- self-tuning ------------------------------------------------------------------------------------
