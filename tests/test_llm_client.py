@@ -51,10 +51,12 @@ def test_endpoint_dying_mid_run_stops_and_keeps_what_finished(tmp_path):
     config = GenConfig(**FAST)
     with fault_stub(die_after=6) as (url, stub), pytest.raises(EndpointError, match=r"nothing answers at .* any more"):
         generate(MANY, config, tmp_path, base_url=url, show_progress=False)
-    assert len(stub.requests) == 6
+    # requests already accepted when it stopped listening are still answered (and kept)
+    assert 6 <= len(stub.requests) <= 6 + FAST["concurrency"]
+    finished = stub.answered_ok
     with fault_stub() as (url, stub):  # a healthy endpoint: only the missing passages are asked
         report = generate(MANY, config, tmp_path, base_url=url, show_progress=False)
-    assert report.cached == 6 and len(stub.requests) == len(MANY) - 6 and report.complete
+    assert report.cached == finished and len(stub.requests) == len(MANY) - finished and report.complete
 
 
 def test_persistent_5xx_trips_the_breaker(tmp_path):
