@@ -483,7 +483,7 @@ def llm_records_on_file(records: list[Record]) -> list[Record] | None:
     ids = {str(rec.get("id")) for rec in records}
     if any(s.__name__ in ids for s in llm_scenarios()) or not FAULTS_LLM_JSON.exists():
         return None
-    return json.loads(FAULTS_LLM_JSON.read_text())
+    return json.loads(FAULTS_LLM_JSON.read_text())["records"]  # fault_suite_llm.py writes {command, records}
 
 
 def main(argv: list[str] | None = None) -> int:
