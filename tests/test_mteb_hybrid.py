@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, write_slice
+from mteb_steer.beir import write_beir_slice
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def compare():
 @pytest.fixture(scope="module")
 def small_scifact(tmp_path_factory, data_root):
     """20 real SciFact test queries over ~220 real passages."""
-    return write_slice(data_root / "scifact", tmp_path_factory.mktemp("scifact200") / "scifact", "test", 20, 200)
+    return write_beir_slice(data_root / "scifact", tmp_path_factory.mktemp("scifact200") / "scifact", "test", 20, 200)
 
 
 def test_every_cell_has_its_own_result_identity(compare, encoder):
