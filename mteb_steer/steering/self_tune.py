@@ -47,11 +47,11 @@ from mteb_steer.steering.lexical import (
     BM25Params,
     LexicalHybrid,
     LexicalIndex,
-    _dense_stats,
+    _DenseStats,
+    _LexicalStats,
+    _normalise,
     expand_with_bank,
     tokenize,
-    _lexical_stats,
-    _normalise,
 )
 
 if TYPE_CHECKING:
@@ -190,11 +190,15 @@ def probe_ranks(probes: Probes, n_docs: int, weights: Sequence[float], *, lexica
         dense = lex = None
         if dense_needed:
             raw = torch.as_tensor(encoder.similarity(query_vectors[start:stop], doc_vectors)).float()
-            dense = _normalise(raw, *_dense_stats(fusion, raw))
+            stats = _DenseStats(stop - start, raw.device)
+            stats.update(slice(0, stop - start), raw)
+            dense = _normalise(raw, *stats.center_scale(fusion))
         if lexical_needed:
-            matched, constant = lexical.sparse_scores(lexical.query_matrix(probes.texts[start:stop])[0])
-            raw = torch.from_numpy(matched.toarray() + constant[:, None])
-            lex = _normalise(raw, *_lexical_stats(fusion, matched, constant))
+            query_matrix = lexical.query_matrix(probes.texts[start:stop])[0]
+            matched, constant = lexical.matched_block(query_matrix, slice(0, n_docs)), lexical.constant(query_matrix)
+            lex_stats = _LexicalStats(stop - start)
+            lex_stats.update(slice(0, stop - start), matched)
+            lex = _normalise(torch.from_numpy(matched + constant[:, None]), *lex_stats.center_scale(fusion, constant))
         for k, w in enumerate(weights):
             fused = dense if w == 0.0 else lex if w == 1.0 else (1 - w) * dense + w * lex
             target = fused[pick, own]
@@ -302,8 +306,9 @@ class SelfTunedHybrid(LexicalHybrid):
     def __init__(self, encoder: SteerEncoder, *, fusion: str | None = None, held_out: dict[str, str] | None = None,
                  bank: QueryBank | None = None, expand: bool = True, sample_size: int = SAMPLE_SIZE,
                  seed: int = SEED, k1_grid: Sequence[float] = K1_GRID, b_grid: Sequence[float] = B_GRID,
-                 weight_grid: Sequence[float] = WEIGHT_GRID, **kwargs: Any) -> None:
+                 weight_grid: Sequence[float] = WEIGHT_GRID, work_mem_mb: int = 256, **kwargs: Any) -> None:
         super().__init__(DEFAULT_WEIGHT, fusion, bank=bank, expand=expand, **kwargs)
+        self.work_mem_mb = work_mem_mb  # bound on one chunk of pseudo-query scores while tuning
         if self.fusion not in ("zscore", "minmax"):
             raise ValueError(f"--self-tune chooses weights for the zscore or minmax fusion, not {self.fusion!r}")
         if not weight_grid or any(not 0 <= w <= 1 for w in weight_grid):
