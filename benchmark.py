@@ -168,30 +168,6 @@ def _split_costs(log: list[dict[str, Any]], split: str) -> dict[str, Any]:
     return {"index": index, "search": search}
 
 
-def _record_calls(model: Any, log: list[dict[str, Any]]) -> None:
-    """Log `model.timings` after every index()/search() call, per split (they are overwritten per call).
-
-    Index keys: base encoding plus one per corpus step and the lexical fit; search keys: query
-    encoding, one per query step, and scoring.
-    """
-    index_keys = {"encode_corpus_s", "score_fusion_fit_s", *(f"{s.tag}_s" for s in model.corpus_steps)}
-    search_keys = {"encode_queries_s", "score_s", *(f"{s.tag}_s" for s in model.query_steps)}
-    index, search = model.index, model.search
-
-    def logged_index(corpus: Any, **kwargs: Any) -> None:
-        index(corpus, **kwargs)
-        log.append({"call": "index", "split": kwargs.get("hf_split"), "n": len(corpus),
-                    **{k: v for k, v in model.timings.items() if k in index_keys}})
-
-    def logged_search(queries: Any, **kwargs: Any) -> dict[str, dict[str, float]]:
-        out = search(queries, **kwargs)
-        log.append({"call": "search", "split": kwargs.get("hf_split"), "n": len(queries),
-                    **{k: v for k, v in model.timings.items() if k in search_keys}})
-        return out
-
-    model.index, model.search = logged_index, logged_search
-
-
 @contextlib.contextmanager
 def _no_embedding_cache() -> Iterator[None]:
     """Hide `$MTEB_STEER_EMBEDDING_CACHE` so an encoder built inside encodes cold."""
@@ -285,11 +261,7 @@ class Bench:
         kind "labelled": the task's own train split; "genq": the corpus's generated queries.
         """
         from mteb_steer.beir import available_splits
-        from mteb_steer.steering.adapter import (
-            pairs_from_split,
-            train_adapter,
-            training_pairs,
-        )
+        from mteb_steer.steering.adapter import TRAINING_RECORD, pairs_from_split, train_and_save, training_pairs
         from mteb_steer.steering.banks import bank_fingerprint, load_bank
         from mteb_steer.tasks import LOCAL_FOLDERS
 
@@ -297,7 +269,7 @@ class Bench:
         # a generated bank grows while generation runs: an adapter is reused only for the same bank content
         version = f"-{bank_fingerprint(load_bank(bank))[:8]}" if bank is not None else ""
         folder = self.work / "adapters" / f"{model}-{task}-{kind}{version}"
-        if (folder / "adapter_config.json").exists():
+        if (folder / TRAINING_RECORD).exists():
             return folder
         if kind == "labelled":
             if "train" not in available_splits(self.data_root / LOCAL_FOLDERS[task]):
@@ -307,13 +279,7 @@ class Bench:
             if bank is None:
                 raise Skip(f"no query bank for the {task} corpus")
             pairs = training_pairs(task, query_bank=bank, data_root=self.data_root)
-        started = time.perf_counter()
-        adapter, history = train_adapter(self.encoder(model), pairs, show_progress_bar=False)
-        seconds = time.perf_counter() - started
-        adapter.save(folder)
-        (folder / "training.json").write_text(json.dumps(
-            {"seconds": seconds, "pairs": len(pairs.queries), "best_epoch": history.best_epoch,
-             "note": "base vectors from the embedding cache; seconds = fitting only"}, indent=1) + "\n")
+        train_and_save(self.encoder(model), pairs, folder, show_progress_bar=False)
         return folder
 
     # -- one cell ------------------------------------------------------------------------------
@@ -344,8 +310,6 @@ class Bench:
                 teacher = str(fields.get("refine_teacher", ""))
                 self.check_cpu_budget({self.models[cell.model]} | ({teacher[len("embedding:"):]}
                                       if teacher.startswith("embedding:") else set()), cell.task)
-            log: list[dict[str, Any]] = []
-            _record_calls(model, log)
             started = time.perf_counter()
             evaluate_tasks(model, [task], self.out, batch_size=self.args.batch_size, show_progress_bar=False)
             base = set(encoder.base_meta.training_datasets or ())
@@ -353,7 +317,7 @@ class Bench:
                                    "labels": sorted(set(meta.training_datasets or ()) - base)}
             if not done:
                 self.costs[f"{meta.name}@{meta.revision}/{cell.task}"] = {
-                    "wall_s": time.perf_counter() - started, "calls": log,
+                    "wall_s": time.perf_counter() - started, "calls": model.calls,
                     "adapter_training": self._adapter_training(fields),
                     "bank": self._bank_cost(fields.get("query_bank"))}
             self.save()
@@ -424,7 +388,9 @@ class Bench:
 
     @staticmethod
     def _adapter_training(fields: dict[str, Any]) -> dict[str, Any] | None:
-        path = Path(fields["adapter"]) / "training.json" if fields.get("adapter") else None
+        from mteb_steer.steering.adapter import TRAINING_RECORD
+
+        path = Path(fields["adapter"]) / TRAINING_RECORD if fields.get("adapter") else None
         return json.loads(path.read_text()) if path and path.exists() else None
 
     @staticmethod
@@ -519,19 +485,22 @@ def _delta(value: float | None, base: float | None) -> str:
     return "-" if value is None or base is None else f"{value - base:+.4f}"
 
 
+# keys of a SteerSearch call record (`model.calls`) that are not a steering step's seconds
+NOT_STEPS = {"call", "task", "split", "n", "encode_corpus_s", "encode_queries_s", "score_s"}
+
+
 def _steering_seconds(row: Row) -> float | None:
     """Seconds spent in steering steps for this split (index steps + query steps), warm embedding cache."""
     split = row.cost.get("split", {})
     if not split.get("index") and not split.get("search"):
         return None
-    base = {"call", "split", "n", "encode_corpus_s", "encode_queries_s", "score_s"}
-    steps = [v for part in ("index", "search") for k, v in split.get(part, {}).items() if k not in base]
+    steps = [v for part in ("index", "search") for k, v in split.get(part, {}).items() if k not in NOT_STEPS]
     return sum(steps) if steps else None
 
 
 def _query_step_ms(row: Row) -> float | None:
     search = row.cost.get("split", {}).get("search", {})
-    steps = [v for k, v in search.items() if k not in {"call", "split", "n", "encode_queries_s", "score_s"}]
+    steps = [v for k, v in search.items() if k not in NOT_STEPS]
     return 1000 * sum(steps) / search["n"] if steps and search.get("n") else None
 
 

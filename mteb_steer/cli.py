@@ -4,6 +4,7 @@ evaluate        run MTEB retrieval tasks with a (steered) model; leaderboard-lay
 generate        fill the LLM query cache for a corpus and/or export it as a portable query bank
 train-adapter   fit a linear query adapter on labelled pairs or on generated queries
 submit          prepare a results-repository submission (nothing is pushed)
+mteb            mteb's own CLI (run, mock-run, ...) with this package's models and local tasks
 """
 
 from __future__ import annotations
@@ -170,17 +171,12 @@ def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
         from mteb_steer.submit import add_submit_parser
 
         add_submit_parser(sub)
+    sub.add_parser("mteb", add_help=False, help="mteb's own CLI (run, mock-run, create-model-results, ...) with "
+                   "this package's models and local tasks: `mteb-steer mteb run -m mteb-steer/... -t SciFact`")
     return parser
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    given = {name: getattr(args, name) for name in ("alpha", "beta", "gamma") if getattr(args, name) is not None}
-    own = {"mean": "alpha", "sum": "beta", "rotate": "gamma"}.get(args.fusion)
-    stray = sorted(set(given) - {own})
-    if stray:
-        raise ValueError(f"--{', --'.join(stray)} does not apply to --fusion {args.fusion} "
-                         f"({'takes --' + own if own else 'no fusion selected'})")
-    strength = given.get(own, "auto")
     _check_combinations(args)  # flags first: nothing heavy is imported yet
 
     from mteb_steer.backbone import check_device, resolve_backbone
@@ -188,6 +184,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     from mteb_steer.results import STEER_FIT_FILE, evaluate_tasks, format_table, read_fits, result_dir
     from mteb_steer.tasks import resolve_task
 
+    config = SteerConfig.from_options(  # validated here, before any data or weights load
+        alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+        model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
+        backend=args.backend, dtype=args.dtype, embedding_storage=args.embedding_storage,
+        query_bank=args.query_bank, fusion=args.fusion, llm_base_url=args.llm_base_url,
+        llm_model=args.llm_model, llm_mode=args.llm_mode, num_queries=args.num_queries, llm_cache_dir=args.cache_dir,
+        query_style=args.query_style, llm_timeout=args.llm_timeout, llm_retries=args.llm_retries,
+        allow_failed_passages=args.allow_failed_passages, adapter=args.adapter, refine_teacher=args.refine_teacher,
+        refine_top_k=args.refine_top_k,
+        refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,
+        lexical_weight=args.lexical_weight, lexical_fusion=args.lexical_fusion,
+        lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir,
+        self_tune=args.self_tune)
     check_device(args.device)
     if args.model:  # a hub model offline is refused now, not after the data loads
         resolve_backbone(args.model)
@@ -200,18 +209,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         task.load_data()
     if args.query_bank:
         _check_bank(args.query_bank, tasks)
-    config = SteerConfig(
-        model=args.model, device=args.device, batch_size=args.batch_size, embedding_cache=args.embedding_cache,
-        backend=args.backend, dtype=args.dtype, embedding_storage=args.embedding_storage,
-        query_bank=args.query_bank, fusion=args.fusion, fusion_param=strength, llm_base_url=args.llm_base_url,
-        llm_model=args.llm_model, llm_mode=args.llm_mode, num_queries=args.num_queries, llm_cache_dir=args.cache_dir,
-        query_style=args.query_style, llm_timeout=args.llm_timeout, llm_retries=args.llm_retries,
-        allow_failed_passages=args.allow_failed_passages, adapter=args.adapter, refine_teacher=args.refine_teacher,
-        refine_top_k=args.refine_top_k,
-        refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,
-        lexical_weight=args.lexical_weight, lexical_fusion=args.lexical_fusion,
-        lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir,
-        self_tune=args.self_tune)
     encoder = build_encoder(config)
     scores = []
     for task in tasks:  # one model per task: the gold teacher and identical-id rules are per task
@@ -308,7 +305,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _train_adapter(args: argparse.Namespace) -> int:
     from mteb_steer.pipeline import SteerConfig, build_encoder
-    from mteb_steer.steering.adapter import (AdapterTrainConfig, export_sentence_transformer, train_adapter,
+    from mteb_steer.steering.adapter import (AdapterTrainConfig, export_sentence_transformer, train_and_save,
                                              training_pairs)
 
     train_config = AdapterTrainConfig(loss=args.loss, rank=args.rank, epochs=args.epochs, seed=args.seed)
@@ -316,8 +313,7 @@ def _train_adapter(args: argparse.Namespace) -> int:
     encoder = build_encoder(SteerConfig(model=args.model, device=args.device, batch_size=args.batch_size,
                                         embedding_cache=args.embedding_cache, backend=args.backend,
                                         dtype=args.dtype, embedding_storage=args.embedding_storage))
-    adapter, history = train_adapter(encoder, pairs, train_config)
-    folder = adapter.save(args.out)
+    adapter, history, folder = train_and_save(encoder, pairs, args.out, train_config)
     print(f"adapter {adapter.tag} -> {folder} ({len(history.epochs)} epochs)")
     if args.export_sentence_transformer:
         print(f"sentence-transformers model -> {export_sentence_transformer(encoder, adapter, args.export_sentence_transformer)}")
@@ -337,6 +333,10 @@ def _submit(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mteb"]:  # every later argument is mteb's, parsed by mteb's own parser
+        from mteb_steer.mteb_cli import main as mteb_main
+
+        return mteb_main(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(include_submit=command not in {"evaluate", "generate", "train-adapter"}).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

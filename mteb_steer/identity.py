@@ -51,12 +51,14 @@ def _safe_tag(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", tag).strip("-")
 
 
-def steered_meta(base: ModelMeta, steps: Sequence[Step]) -> ModelMeta:
+def steered_meta(base: ModelMeta, steps: Sequence[Step], steer_config: Any | None = None) -> ModelMeta:
     """The ModelMeta of `base` steered by `steps`; `base` itself when there are none.
 
     name: `mteb-steer/<base model>-<tag>+<tag>...`; revision: hash of the base name and
     revision plus every step's full `describe()`; `adapted_from`: the base; training data:
-    the base's plus whatever labelled data a step was fitted on.
+    the base's plus whatever labelled data a step was fitted on. With `steer_config` (a SteerConfig),
+    `loader` is `mteb_steer.loader.load_steered` and `loader_kwargs` hold the configuration, so
+    `meta.load_model()` (what `mteb.get_model` calls) rebuilds this exact model.
     """
     if not steps:
         return base
@@ -66,10 +68,15 @@ def steered_meta(base: ModelMeta, steps: Sequence[Step]) -> ModelMeta:
     training = set(base.training_datasets or set())
     for step in steps:
         training |= step.training_datasets
+    loader, loader_kwargs = None, {}
+    if steer_config is not None:
+        from mteb_steer.loader import load_steered
+
+        loader, loader_kwargs = load_steered, {"steer_config": steer_config.to_json()}
     return base.model_copy(
         update={
-            "loader": None,
-            "loader_kwargs": {},
+            "loader": loader,
+            "loader_kwargs": loader_kwargs,
             "name": name,
             "revision": stable_hash(config),
             "adapted_from": base.name,

@@ -2,8 +2,8 @@
 
 Layout: `<output_folder>/results/<org__model>/<revision>/<Task>.json` plus `model_meta.json` and
 `run_settings.jsonl` (written by mteb), `steer_config.json` (the configuration behind the
-revision) and `steer_fit.json` (what label-free `auto` steps chose on each task's corpus), written
-here. Each task is saved as soon as it finishes, so a crash loses nothing.
+revision: the SteerConfig that rebuilds it and the steps it resolved to) and `steer_fit.json`
+(what label-free `auto` steps chose on each task's corpus), written here. Each task is saved as soon as it finishes, so a crash loses nothing.
 """
 
 from __future__ import annotations
@@ -78,12 +78,18 @@ def result_dir(output_folder: Path, model: SteerSearch) -> Path:
     return ResultCache(output_folder).get_task_result_path(task_name="x", model_name=model.mteb_model_meta).parent
 
 
+def steer_config_record(model: SteerSearch) -> dict[str, Any]:
+    """What `steer_config.json` holds: the configuration (`SteerConfig.to_json()`, under "config",
+    when the model was built from one) and what it resolved to (base model, every step's describe)."""
+    record = describe_configuration(model.encoder.base_meta, model.steps)
+    return {"config": model.config.to_json(), **record} if model.config is not None else record
+
+
 def file_configuration(output_folder: str | Path, model: SteerSearch) -> Path:
     """Create the model's result folder and write `steer_config.json` (the configuration behind its revision)."""
     folder = result_dir(Path(output_folder), model)
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / STEER_CONFIG_FILE,
-                 json.dumps(describe_configuration(model.encoder.base_meta, model.steps), indent=2, default=str) + "\n")
+    write_atomic(folder / STEER_CONFIG_FILE, json.dumps(steer_config_record(model), indent=2, default=str) + "\n")
     return folder
 
 

@@ -69,11 +69,18 @@ class SteerSearch:
         score_fusion: optional lexical (or other) evidence added to the dense scores.
         corpus_block: passages per scoring block (mteb's chunk size; its tie order depends on it).
         score_budget_bytes: memory for score tiles; sets how many queries are scored at once.
+        config: the SteerConfig these steps were built from (`pipeline.build_model` passes it); with
+            it, the ModelMeta gets a loader that rebuilds the model (`mteb.get_model`).
+
+    Timing: `timings` holds the seconds of the latest call's parts (base encoding, each step by
+    its tag, scoring); `calls` keeps one record per `index`/`search` call (`call`, `task`,
+    `split`, `n`, and that call's timings), so a caller times a run without wrapping methods.
     """
 
     def __init__(self, encoder: SteerEncoder, corpus_steps: Sequence[CorpusStep] = (),
-                 query_steps: Sequence[QueryStep] = (), score_fusion: ScoreFusion | None = None, *,
-                 corpus_block: int = CORPUS_BLOCK, score_budget_bytes: int = SCORE_BUDGET_BYTES) -> None:
+                 query_steps: Sequence[QueryStep] = (), score_fusion: ScoreFusion | None = None,
+                 config: Any | None = None, *, corpus_block: int = CORPUS_BLOCK,
+                 score_budget_bytes: int = SCORE_BUDGET_BYTES) -> None:
         self.encoder = encoder
         self.corpus_block = corpus_block
         self.score_budget_bytes = score_budget_bytes
@@ -81,9 +88,11 @@ class SteerSearch:
         self.query_steps = list(query_steps)
         self.score_fusion = score_fusion
         self.index_: CorpusIndex | None = None
+        self.config = config
         self.timings: dict[str, float] = {}
+        self.calls: list[dict[str, Any]] = []
         self.fit_reports: dict[str, dict[str, Any]] = {}  # task name -> step tag -> what the step chose
-        self.mteb_model_meta = steered_meta(encoder.base_meta, self.steps)
+        self.mteb_model_meta = steered_meta(encoder.base_meta, self.steps, config)
 
     @property
     def steps(self) -> list:
@@ -99,19 +108,21 @@ class SteerSearch:
             raise ValueError(f"{task_metadata.name} ({hf_split}): the corpus is empty")
         ids = [str(i) for i in corpus["id"]]
         texts = dataset_passage_texts(corpus)  # the one copy of the texts: embedded here, kept by the index
+        spent: dict[str, float] = {}
         started = time.perf_counter()
         embeddings = self.encoder.embed(texts, PromptType.document, batch_size=encode_kwargs.get("batch_size"),
                                         show_progress_bar=encode_kwargs.get("show_progress_bar", False))
-        self.timings["encode_corpus_s"] = time.perf_counter() - started
+        spent["encode_corpus_s"] = time.perf_counter() - started
         index = CorpusIndex(ids=ids, texts=texts, embeddings=embeddings, task_name=task_metadata.name)
         for step in self.corpus_steps:
             started = time.perf_counter()
             index.embeddings = np.asarray(step.steer_corpus(index, self.encoder), dtype=np.float32)
-            self.timings[f"{step.tag}_s"] = time.perf_counter() - started
+            spent[f"{step.tag}_s"] = time.perf_counter() - started
         if self.score_fusion is not None:
             started = time.perf_counter()
             self.score_fusion.fit(index)
-            self.timings["score_fusion_fit_s"] = time.perf_counter() - started
+            spent["score_fusion_fit_s"] = time.perf_counter() - started
+        self._record("index", task_metadata.name, hf_split, len(corpus), spent)
         self.fit_reports[index.task_name] = {step.tag: report for step in self.steps
                                              if isinstance(step, ReportsFit) and (report := step.fit_report(index.task_name))}
         self.index_ = index
@@ -126,18 +137,24 @@ class SteerSearch:
         loader = create_dataloader(queries, task_metadata=task_metadata, prompt_type=PromptType.query,
                                    batch_size=encode_kwargs.get("batch_size", 32), num_proc=num_proc)
         texts = [text for batch in loader for text in batch["text"]]
+        spent: dict[str, float] = {}
         started = time.perf_counter()
         q_emb = self.encoder.embed(texts, PromptType.query, batch_size=encode_kwargs.get("batch_size"))
         batch = QueryBatch(ids=[str(i) for i in queries["id"]], texts=texts, embeddings=q_emb)
-        self.timings["encode_queries_s"] = time.perf_counter() - started
+        spent["encode_queries_s"] = time.perf_counter() - started
         for step in self.query_steps:
             started = time.perf_counter()
             batch.embeddings = np.asarray(step.steer_queries(batch, index, self.encoder), dtype=np.float32)
-            self.timings[f"{step.tag}_s"] = time.perf_counter() - started
+            spent[f"{step.tag}_s"] = time.perf_counter() - started
         started = time.perf_counter()
         out = self.rank(batch, index, top_k, top_ranked)
-        self.timings["score_s"] = time.perf_counter() - started
+        spent["score_s"] = time.perf_counter() - started
+        self._record("search", task_metadata.name, hf_split, len(queries), spent)
         return out
+
+    def _record(self, call: str, task: str, split: str, n: int, spent: dict[str, float]) -> None:
+        self.timings.update(spent)
+        self.calls.append({"call": call, "task": task, "split": split, "n": n, **spent})
 
     def rank(self, queries: QueryBatch, index: CorpusIndex, top_k: int,
              top_ranked: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:

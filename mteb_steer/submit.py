@@ -4,17 +4,23 @@ Writes into `--out`:
 - `results/<org__model>/<revision>/` with the task results, `model_meta.json` and
   `run_settings.jsonl`, copied by mteb's `CopyResultsAction` (the step `ResultCache.submit_results`
   runs before it commits) from the files `ResultCache.get_cache_paths` finds for the model;
-- `model_meta.py`: the `ModelMeta` Python snippet the mteb model registry needs (the results
-  repository refuses models the registry does not know);
+- `model_meta.py`: the `ModelMeta` source an upstream model-implementation pull request to mteb
+  needs, with its loader (`mteb_steer.loader.load_steered`) and the configuration that rebuilds
+  the model (the results repository refuses models mteb's registry does not know);
+- `mock_run.md`: the output of mteb's `mock_run` (what `mteb mock-run` prints) for the model
+  rebuilt through `mteb.get_model`, which that pull request's checklist asks for;
 - `steer_config.json` and `steer_fit.json` when the result folder has them (the steering
   configuration behind the revision, and what its label-free `auto` steps chose; kept out of
   `results/` because every `*.json` there must be a task result).
 
-Then it runs on the copy what the results repository's tests check: folder == model name with
-'/' -> '__', revision folder == meta revision and not `no_revision_available`, `model_meta.json`
-loads as a ModelMeta, every `<Task>.json` loads as an mteb `TaskResult` whose `task_name` is the
-file name, results made with mteb >= 2.0.0, and every (task, split, subset) covered by
-`run_settings.jsonl`. Failures are errors (exit code 1); things the leaderboard would flag but
+Then it runs on the copy what the results repository checks (its `tests/` and its file-size
+workflow): folder == model name with '/' -> '__' (`test_correct_folder_structure.py`), revision
+folder == meta revision and not `no_revision_available`, `model_meta.json` loads as a ModelMeta,
+every `<Task>.json` loads as an mteb `TaskResult` whose `task_name` is the file name
+(`test_task_name_matches_filename.py`), results and `run_settings.jsonl` entries made with mteb
+> 2.0.0 and every (task, split, subset) covered by `run_settings.jsonl`
+(`test_new_results_run_settings.py`), no file over 10 MB (`.github/workflows/check_file_sizes.yml`),
+and no file besides those (ours stay outside `results/`). Failures are errors (exit code 1); things the leaderboard would flag but
 accept are warnings (a model missing from the installed registry, tasks trained on).
 """
 
@@ -38,7 +44,12 @@ from packaging.version import Version
 
 from mteb_steer.results import SIDECAR_FILES, STEER_CONFIG_FILE
 
-MIN_MTEB_VERSION = Version("2.0.0")  # the results repository's run-settings check
+MIN_MTEB_VERSION = Version("2.0.0")  # the results repository's run-settings check: strictly newer
+MAX_FILE_BYTES = 10 * 1024 * 1024  # the results repository's file-size workflow
+MOCK_RUN_FILE = "mock_run.md"
+REGISTRY_NOTE = ("the results repository merges results only of models in mteb's registry: open the pull request "
+                 "adding model_meta.py to mteb (mteb/models/model_implementations/) first, and submit these "
+                 "results once it is accepted")
 NO_REVISION = "no_revision_available"
 META_FILE = "model_meta.json"
 RUN_SETTINGS_FILE = "run_settings.jsonl"
@@ -54,6 +65,7 @@ class SubmissionReport:
 
     folder: Path | None = None
     snippet: Path | None = None
+    mock_run: Path | None = None
     copied: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -63,12 +75,14 @@ class SubmissionReport:
         return not self.errors
 
     def format(self) -> str:
-        lines = [f"submission folder: {self.folder}", f"ModelMeta snippet: {self.snippet}",
+        lines = [f"submission folder: {self.folder}", f"ModelMeta source: {self.snippet}",
+                 f"mteb mock-run output: {self.mock_run or 'not run'}",
                  f"task results: {', '.join(self.copied) or 'none'}"]
         lines += [f"WARNING: {w}" for w in self.warnings]
         lines += [f"ERROR: {e}" for e in self.errors]
         lines.append("checks passed: ready to copy into a clone of embeddings-benchmark/results"
                      if self.ok else f"checks FAILED ({len(self.errors)} error(s))")
+        lines.append(f"NOTE: {REGISTRY_NOTE}")
         return "\n".join(lines)
 
 
@@ -113,17 +127,24 @@ def _literal(value: Any) -> str:
 def meta_snippet(meta: ModelMeta, steer_config: dict[str, Any] | None = None) -> str:
     """Python source defining `model_meta = ModelMeta(...)` for mteb's model registry.
 
-    `loader=None`: the registry shows results of models it cannot run itself that way; the
-    steering configuration that reproduces the revision is given in the comment.
+    With the model's SteerConfig (`loader_kwargs["steer_config"]` of its model_meta.json), the
+    loader is `mteb_steer.loader.load_steered` and rebuilds the model; without one (results filed
+    before configurations were recorded) `loader=None`, which the registry shows but cannot run.
     """
     data = json.loads(json.dumps(meta.to_dict(), default=str))
-    fields = [name for name in ModelMeta.model_fields if name != "loader" and name in data]
+    config = (meta.loader_kwargs or {}).get("steer_config")
+    fields = [name for name in ModelMeta.model_fields if name not in ("loader", "loader_kwargs") and name in data]
     lines = ["# ModelMeta for mteb's model registry (mteb/models/model_implementations/), generated by",
-             "# `mteb-steer submit`. Reproduce with the mteb-steer package and the configuration below."]
+             "# `mteb-steer submit`. The loader needs the mteb-steer package (pip install mteb-steer)."]
     if steer_config:
-        lines += ["#", "# steering configuration (steer_config.json):"]
+        lines += ["#", "# what the configuration resolved to (steer_config.json):"]
         lines += [f"#   {line}" for line in json.dumps(steer_config, indent=2, sort_keys=True).splitlines()]
-    lines += ["from mteb.models.model_meta import ModelMeta", "", "model_meta = ModelMeta(", "    loader=None,"]
+    lines.append("from mteb.models.model_meta import ModelMeta")
+    if config is not None:
+        lines += ["from mteb_steer.loader import load_steered", "", "model_meta = ModelMeta(",
+                  "    loader=load_steered,", f"    loader_kwargs={{'steer_config': {config!r}}},"]
+    else:
+        lines += ["", "model_meta = ModelMeta(", "    loader=None,  # no configuration recorded: re-run evaluate"]
     for name in fields:
         value = getattr(meta, name)
         rendered = _literal(value) if isinstance(value, set | frozenset) else _literal(data[name])
@@ -133,7 +154,7 @@ def meta_snippet(meta: ModelMeta, steer_config: dict[str, Any] | None = None) ->
 
 
 def check_snippet(source: str, meta: ModelMeta) -> list[str]:
-    """Errors if the snippet does not build a ModelMeta equal to `meta` (loader aside)."""
+    """Errors if the snippet does not build a ModelMeta equal to `meta` (same fields and configuration)."""
     namespace: dict[str, Any] = {}
     try:
         exec(compile(source, "model_meta.py", "exec"), namespace)  # our own generated source
@@ -141,8 +162,31 @@ def check_snippet(source: str, meta: ModelMeta) -> list[str]:
         return [f"model_meta.py does not build a ModelMeta: {type(err).__name__}: {err}"]
     built: ModelMeta = namespace["model_meta"]
     differ = [name for name in ModelMeta.model_fields
-              if name != "loader" and getattr(built, name) != getattr(meta, name)]
+              if name not in ("loader", "loader_kwargs") and getattr(built, name) != getattr(meta, name)]
+    if (built.loader_kwargs or {}).get("steer_config") != (meta.loader_kwargs or {}).get("steer_config"):
+        differ.append("loader_kwargs.steer_config")
     return [f"model_meta.py differs from model_meta.json in {differ}"] if differ else []
+
+
+def write_mock_run(meta: ModelMeta, out: Path) -> tuple[Path | None, list[str]]:
+    """Rebuild the model through `mteb.get_model` and run mteb's `mock_run` on it (what `mteb mock-run`
+    does), writing its markdown to `out`; (path, errors)."""
+    from mteb.mocks.mock_run import mock_run
+
+    from mteb_steer.loader import load_steered
+    from mteb_steer.registry import register
+
+    if not (meta.loader_kwargs or {}).get("steer_config"):
+        return None, []
+    register(meta.model_copy(update={"loader": load_steered,
+                                     "loader_kwargs": {"steer_config": meta.loader_kwargs["steer_config"]}}))
+    try:
+        model = mteb.get_model(meta.name, meta.revision)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        return None, [f"mteb.get_model({meta.name!r}, {meta.revision!r}) failed: {err}"]
+    results = mock_run(model)
+    out.write_text(results.to_markdown() + "\n", encoding="utf-8")
+    return out, [] if results.all_passed else [f"mteb mock-run found failures: see {out}"]
 
 
 # -- the results repository's checks ---------------------------------------------------------------
@@ -150,8 +194,8 @@ def _version_error(version: str | None, what: str) -> list[str]:
     parsed = TaskResult._parse_mteb_version_min(version) if version else None
     if parsed is None:
         return [f"{what}: no usable mteb version (got {version!r})"]
-    if parsed < MIN_MTEB_VERSION:
-        return [f"{what}: made with mteb {version}, the results repository needs >= {MIN_MTEB_VERSION}"]
+    if parsed <= MIN_MTEB_VERSION:
+        return [f"{what}: made with mteb {version}, the results repository needs > {MIN_MTEB_VERSION}"]
     return []
 
 
@@ -164,8 +208,8 @@ def check_folder(folder: Path) -> tuple[list[str], list[str]]:
     except SubmitError as err:
         return [str(err)], warnings
     if folder.parent.name != meta.model_name_as_path():
-        errors.append(f"model folder {folder.parent.name!r} != model name {meta.name!r} as a path "
-                      f"({meta.model_name_as_path()!r})")
+        errors.append(f"folder naming: model folder {folder.parent.name!r} != model name {meta.name!r} as a path "
+                      f"({meta.model_name_as_path()!r}): results/<org>__<name>/<revision>/")
     if meta.revision in (None, NO_REVISION) or folder.name == NO_REVISION:
         errors.append(f"{folder}: revision {meta.revision!r}: new results need a real revision, not {NO_REVISION}")
     elif folder.name != meta.revision:
@@ -173,7 +217,8 @@ def check_folder(folder: Path) -> tuple[list[str], list[str]]:
     run_settings = folder / RUN_SETTINGS_FILE
     covered: set[tuple[str, str, str]] = set()
     if not run_settings.is_file():
-        errors.append(f"{folder}: {RUN_SETTINGS_FILE} is missing (mteb writes it with each result)")
+        errors.append(f"{folder}: {RUN_SETTINGS_FILE} is missing beside the result files (the results "
+                      "repository needs it for new results; mteb >= 2 writes it with each result)")
     else:
         for number, line in enumerate(run_settings.read_text().splitlines(), start=1):
             if not line.strip():
@@ -187,6 +232,13 @@ def check_folder(folder: Path) -> tuple[list[str], list[str]]:
             errors += _version_error((entry.get("version") or {}).get("mteb"),
                                      f"{RUN_SETTINGS_FILE} line {number} ({entry.get('task')})")
     results = sorted(p for p in folder.glob("*.json") if p.name != META_FILE)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            errors.append(f"{path.name}: {path.stat().st_size:,} bytes, over the results repository's 10 MB "
+                          "file limit (check_file_sizes.yml)")
+        if path.name not in (META_FILE, RUN_SETTINGS_FILE) and not (path.is_file() and path.suffix == ".json"):
+            errors.append(f"{path.name}: extra file; a revision folder holds only <Task>.json, {META_FILE} "
+                          f"and {RUN_SETTINGS_FILE}")
     if not results:
         errors.append(f"{folder}: no task result (*.json)")
     for path in results:
@@ -206,9 +258,11 @@ def check_folder(folder: Path) -> tuple[list[str], list[str]]:
         if trained:
             warnings.append(f"{result.task_name}: the model's training_datasets include it "
                             "(the leaderboard will not count it as zero-shot)")
-    if meta.name not in {m.name for m in mteb.get_model_metas()}:
-        warnings.append(f"{meta.name} is not in the installed mteb model registry: the results repository's "
-                        "test_model_implementation needs model_meta.py merged into mteb first")
+    from mteb_steer.registry import registered_revisions
+
+    # names this package registered in-process do not count: the results repository runs mteb alone
+    if meta.name not in {m.name for m in mteb.get_model_metas()} or registered_revisions(meta.name):
+        warnings.append(f"{meta.name} is not in mteb's own model registry: {REGISTRY_NOTE}")
     return errors, warnings
 
 
@@ -221,11 +275,14 @@ def _is_mteb_task(name: str) -> bool:
 
 
 # -- preparing the submission ----------------------------------------------------------------------
-def prepare_submission(model: str, out: str | Path, output_folder: str | Path = ".") -> SubmissionReport:
+def prepare_submission(model: str, out: str | Path, output_folder: str | Path = ".", *,
+                       mock: bool = True) -> SubmissionReport:
     """Copy `model`'s results into `out/results/` with mteb's tooling, write the snippet, run the checks.
 
     Only results of MTEB tasks are copied (local tasks such as TRECDLPool are not leaderboard
-    tasks: listed as a warning). Raises SubmitError before writing when the source is unusable.
+    tasks: listed as a warning). With `mock`, the model is rebuilt through `mteb.get_model` and
+    mteb's mock-run written beside the snippet. Raises SubmitError before writing when the source
+    is unusable.
     """
     source = find_result_dir(model, output_folder)
     if source.parent.parent.name != "results":
@@ -256,6 +313,11 @@ def prepare_submission(model: str, out: str | Path, output_folder: str | Path = 
     errors, warnings = check_folder(report.folder)
     report.errors += errors + check_snippet(snippet, meta)
     report.warnings += warnings
+    if mock:
+        report.mock_run, mock_errors = write_mock_run(meta, out / MOCK_RUN_FILE)
+        report.errors += mock_errors
+        if report.mock_run is None and not mock_errors:
+            report.warnings.append("no configuration in model_meta.json: no loader, so no mteb mock-run")
     return report
 
 
@@ -268,11 +330,13 @@ def add_submit_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="folder to write the submission into")
     parser.add_argument("--output-folder", default=".",
                         help="where the evaluation wrote results/ (default: current dir)")
+    parser.add_argument("--no-mock-run", action="store_true",
+                        help="skip rebuilding the model and running mteb's mock-run on it")
     parser.set_defaults(handler=run_submit)
 
 
 def run_submit(args: argparse.Namespace) -> int:
     """Handler of `mteb-steer submit`: 0 when every check passes, 1 otherwise."""
-    report = prepare_submission(args.model, args.out, args.output_folder)
+    report = prepare_submission(args.model, args.out, args.output_folder, mock=not args.no_mock_run)
     print(report.format(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1

@@ -41,9 +41,10 @@ from mteb_steer.steering.adapter import (
     PairSet,
     pairs_from_split,
     train_adapter,
+    train_and_save,
     training_pairs,
 )
-from mteb_steer.pipeline import default_output_folder
+from mteb_steer.pipeline import SteerConfig, build_model, default_output_folder
 from mteb_steer.results import AtomicResultCache, file_configuration
 from mteb_steer.tasks import resolve_task
 
@@ -138,18 +139,18 @@ def main() -> int:
     adapters = {}
     for label, pairs, config in variants:
         started = time.perf_counter()
-        adapter, history = train_adapter(encoder, pairs, config)
-        adapters[label] = adapter
-        adapter.save(args.out / "adapters" / f"{args.task}-{label}")
+        _, history, adapters[label] = train_and_save(encoder, pairs, args.out / "adapters" / f"{args.task}-{label}",
+                                                     config)
         report["runs"][label] = {"train_s": time.perf_counter() - started, "best_epoch": history.best_epoch,
                                  "val_mrr": [e["val_mrr_at_10"] for e in history.epochs],
                                  "n_train_pairs": history.n_train_pairs}
 
-    base_score, base = evaluate(SteerSearch(encoder), task_name, root, args.out, "plain", args.output_folder)
+    base_score, base = evaluate(build_model(SteerConfig(device="cpu"), encoder=encoder), task_name, root, args.out,
+                                "plain", args.output_folder)
     report["runs"] = {"plain": {"ndcg_at_10": base_score, **base}, **report["runs"]}
     print(f"plain: nDCG@10 {base_score:.4f}", file=sys.stderr)
-    for label, adapter in adapters.items():
-        model = SteerSearch(SteerEncoder(device="cpu", query_transforms=[adapter], cache_dir=CACHE))
+    for label, folder in adapters.items():
+        model = build_model(SteerConfig(adapter=str(folder), device="cpu", embedding_cache=str(CACHE)))
         score, detail = evaluate(model, task_name, root, args.out, label, args.output_folder)
         run = report["runs"][label]
         run.update({"ndcg_at_10": score, **detail, "model": model.mteb_model_meta.name,

@@ -1,7 +1,8 @@
 """Sweep query-fusion settings on one retrieval task and print a markdown table (nDCG@10, recall@100).
 
-Each setting is a full `mteb.evaluate` of `SteerSearch(encoder, corpus_steps=[QueryFusion(...)])`
-(or the multi-vector max score fusion) with the shared base-embedding cache, so the corpus,
+Each setting is a full `mteb.evaluate` of the model `build_model(SteerConfig(...))` builds (the
+multi-vector max score fusion, an exploration outside SteerConfig, is built directly) with the
+shared base-embedding cache, so the corpus,
 the task queries and the generated queries are embedded once for the whole sweep.
 
     HF_HUB_OFFLINE=1 python scripts/fusion_sweep.py --task ArguAna \\
@@ -27,6 +28,7 @@ import mteb
 
 from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder
+from mteb_steer.pipeline import BANK_FUSION_OPTIONS, SteerConfig, build_model
 from mteb_steer.results import evaluate_tasks, read_fits
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.banks import load_bank
@@ -63,14 +65,28 @@ def parse_setting(spec: str) -> tuple[str, dict[str, object]]:
     return method, kwargs
 
 
-def build(encoder: SteerEncoder, bank, spec: str) -> tuple[SteerSearch, QueryFusion | None]:
+def config_for(spec: str, bank: str) -> SteerConfig | None:
+    """The configuration a fusion setting names (None for `maxsim`, which SteerConfig does not hold)."""
     method, kwargs = parse_setting(spec)
     if method == "none":
-        return SteerSearch(encoder), None
+        return SteerConfig()
     if method == "maxsim":
-        return SteerSearch(encoder, score_fusion=MultiVectorMax(bank, encoder, **kwargs)), None
-    fusion = QueryFusion(bank, method, **kwargs)
-    return SteerSearch(encoder, corpus_steps=[fusion]), fusion
+        return None
+    fields = {name.removeprefix("fusion_") for name in BANK_FUSION_OPTIONS}
+    options = {f"fusion_{key}" if key in fields else key: value for key, value in kwargs.items()}
+    try:
+        return SteerConfig.from_options(fusion=method, query_bank=bank, **options)
+    except TypeError as err:
+        raise SystemExit(f"bad setting {spec!r}: {err}") from None
+
+
+def build(encoder: SteerEncoder, bank_path: str, spec: str) -> tuple[SteerSearch, QueryFusion | None]:
+    config = config_for(spec, bank_path)
+    if config is None:
+        return SteerSearch(encoder, score_fusion=MultiVectorMax(load_bank(bank_path), encoder,
+                                                                **parse_setting(spec)[1])), None
+    model = build_model(config, encoder=encoder)
+    return model, (model.corpus_steps[0] if model.corpus_steps else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,15 +109,14 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = EXPLORE_SETTINGS if args.explore else args.settings
     for spec in settings:  # fail on a typo before any model work
-        parse_setting(spec)
-    bank = load_bank(args.bank)
+        config_for(spec, args.bank)
     task = resolve_task(args.task, args.data_root)
     encoder = SteerEncoder(cache_dir=args.cache_dir)
     lines = [f"Task {args.task}, bank {args.bank}, model {encoder.base_meta.name}", "",
              "| setting | chosen (auto) | nDCG@10 | recall@100 | seconds |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for spec in settings:
-        model, fusion = build(encoder, bank, spec)
+        model, fusion = build(encoder, args.bank, spec)
         if args.output_folder:
             score = evaluate_tasks(model, [task], args.output_folder, overwrite=args.overwrite,
                                    show_progress_bar=False)[0]

@@ -1,6 +1,6 @@
 """Evaluate lexical-hybrid settings on one retrieval task and print a markdown table.
 
-Each setting is a full `mteb.evaluate` of `SteerSearch(encoder, score_fusion=LexicalHybrid(...))`
+Each setting is a full `mteb.evaluate` of the model `build_model(SteerConfig(lexical="bm25", ...))` builds
 with the shared base-embedding cache (the dense side is encoded once for the whole sweep) and
 built BM25 indexes reused from `--index-dir`. Columns: nDCG@10 and recall@100 per split and
 their mean, and the scoring time per query (dense similarity + fusion + top-k, last split;
@@ -31,36 +31,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from mteb_steer.embedding_cache import default_embedding_cache
 from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
-from mteb_steer.pipeline import default_output_folder
+from mteb_steer.pipeline import SteerConfig, build_model, default_output_folder
 from mteb_steer.results import evaluate_tasks
-from mteb_steer.search import SteerSearch
 from mteb_steer.steering.banks import QueryBank, load_bank
-from mteb_steer.steering.lexical import (
-    FUSION_MODES,
-    LexicalHybrid,
-    LexicalIndex,
-    disk_bytes,
-)
+from mteb_steer.steering.lexical import FUSION_MODES, LexicalIndex, disk_bytes
 from mteb_steer.tasks import resolve_task
 
 DEFAULT_SETTINGS = ["dense", "bm25", "default", "zscore:0.1", "zscore:0.3", "zscore:0.5", "rrf:0.3", "minmax:0.3"]
 
 
-def hybrid_for(setting: str, bank: QueryBank | None, index_dir: Path) -> LexicalHybrid | None:
-    """The score fusion a setting names (None for `dense`)."""
+def config_for(setting: str, bank: str | None, index_dir: Path) -> SteerConfig:
+    """The configuration a setting names (`dense`: no lexical side)."""
     if setting == "dense":
-        return None
+        return SteerConfig()
+    lexical = {"lexical": "bm25", "query_bank": bank, "lexical_index_dir": str(index_dir)}
     if setting == "default":
-        return LexicalHybrid(bank=bank, index_dir=index_dir)
+        return SteerConfig(**lexical)
     if setting == "bm25":
-        return LexicalHybrid(weight=1.0, fusion="zscore", bank=bank, index_dir=index_dir)
+        return SteerConfig(lexical_weight=1.0, lexical_fusion="zscore", **lexical)
     fusion, _, weight = setting.partition(":")
     if fusion not in FUSION_MODES or not weight:
         raise SystemExit(f"bad setting {setting!r}: expected dense, bm25, default or <zscore|rrf|minmax>:<weight>")
-    return LexicalHybrid(weight=float(weight), fusion=fusion, bank=bank, index_dir=index_dir)
+    return SteerConfig(lexical_weight=float(weight), lexical_fusion=fusion, **lexical)
 
 
-def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank: QueryBank | None,
+def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank: str | None,
                       index_dir: Path, encoder: SteerEncoder, output_folder: Path) -> list[dict]:
     """One row per setting: {setting, splits: {split: (ndcg@10, recall@100)}, mean_ndcg, mean_recall, ms_per_query}."""
     task = resolve_task(task_name, data_root)
@@ -69,7 +64,7 @@ def evaluate_settings(task_name: str, settings: list[str], data_root: str, bank:
     n_queries = len(task.dataset["default"][last]["queries"])
     rows = []
     for setting in settings:
-        model = SteerSearch(encoder, score_fusion=hybrid_for(setting, bank, index_dir))
+        model = build_model(config_for(setting, bank, index_dir), encoder=encoder)
         scores = evaluate_tasks(model, [task], output_folder, overwrite=True, show_progress_bar=False)
         splits = {s.split: (s.ndcg_at_10, s.recall_at_100) for s in sorted(scores, key=lambda s: s.split)}
         rows.append({"setting": setting, "tag": model.score_fusion.tag if model.score_fusion else "dense",
@@ -140,9 +135,11 @@ def main() -> None:
                         help="results land in <output-folder>/results/<org__model>/<revision>/ (default: current dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows (and costs) as JSON here")
     args = parser.parse_args()
+    for setting in args.settings:  # a typo fails before any model work
+        config_for(setting, args.bank, Path(args.index_dir))
     bank = load_bank(args.bank) if args.bank else None
     encoder = SteerEncoder(cache_dir=args.cache_dir)
-    rows = evaluate_settings(args.task, args.settings, args.data_root, bank, Path(args.index_dir), encoder,
+    rows = evaluate_settings(args.task, args.settings, args.data_root, args.bank, Path(args.index_dir), encoder,
                              args.output_folder)
     print(f"\n{args.task}{' (expanded with ' + args.bank + ')' if bank else ''}\n")
     print(markdown_table(rows))

@@ -74,13 +74,14 @@ def test_steered_result_through_the_cli(evaluated, tmp_path, capsys):
     out = tmp_path / "sub"
     assert _run_cli(["submit", "-m", meta.name, "--out", str(out), "--output-folder", str(root)]) == 0
     printed = capsys.readouterr().out
-    assert "checks passed" in printed and "not in the installed mteb model registry" in printed
+    assert "checks passed" in printed and "not in mteb's own model registry" in printed
+    assert "merges results only of models in mteb's registry" in printed  # said plainly, even when checks pass
     folder = out / "results" / meta.model_name_as_path() / meta.revision
     assert (folder / "SciFact.json").is_file() and not (folder / "steer_config.json").exists()
     assert json.loads((out / "steer_config.json").read_text()) == json.loads((source / "steer_config.json").read_text())
     snippet = (out / "model_meta.py").read_text()
     assert f"adapted_from={PLAIN!r}" in snippet and f"revision={meta.revision!r}" in snippet
-    assert "# steering configuration" in snippet
+    assert "# what the configuration resolved to" in snippet
 
 
 def test_auto_fusion_files_what_it_chose_and_submit_carries_it(tmp_path, encoder, arguana_slice, data_root):
@@ -136,6 +137,17 @@ def _break_old_mteb(folder: Path) -> Path:
     return folder
 
 
+def _break_oversized(folder: Path) -> Path:
+    path = folder / "SciFact.json"  # still valid JSON: trailing whitespace up to 10 MB + 1 byte
+    path.write_text(path.read_text() + " " * (10 * 1024 * 1024 + 1 - path.stat().st_size))
+    return folder
+
+
+def _break_extra_file(folder: Path) -> Path:
+    (folder / "notes.txt").write_text("not a result\n")
+    return folder
+
+
 def _break_uncovered_split(folder: Path) -> Path:
     path = folder / "run_settings.jsonl"
     path.write_text("".join(line + "\n" for line in path.read_text().splitlines()
@@ -164,7 +176,9 @@ def _break_meta(folder: Path) -> Path:
     (_break_rename_model, "model folder 'someone__else'"),
     (_break_no_revision, "not no_revision_available"),
     (_break_run_settings, "run_settings.jsonl is missing"),
-    (_break_old_mteb, "needs >= 2.0.0"),
+    (_break_old_mteb, "needs > 2.0.0"),
+    (_break_oversized, "over the results repository's 10 MB file limit"),
+    (_break_extra_file, "notes.txt: extra file"),
     (_break_uncovered_split, "['test/default'] not covered by run_settings.jsonl"),
     (_break_task_name, "task_name 'SciFact' does not match the file name"),
     (_break_json, "SciFact.json is not a valid mteb TaskResult"),

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -542,6 +543,28 @@ def train_adapter(encoder: SteerEncoder, data: PairSet, config: AdapterTrainConf
     adapter.train_config = {**asdict(config), "best_epoch": best_epoch, "val_mrr_at_10": best_mrr,
                             "data_fingerprint": data.fingerprint(), "n_pairs": len(data.queries)}
     return adapter, TrainingHistory(history, best_epoch, len(train_idx), len(val_idx))
+
+
+TRAINING_RECORD = "training.json"
+
+
+def train_and_save(encoder: SteerEncoder, data: PairSet, out: str | os.PathLike,
+                   config: AdapterTrainConfig | None = None, *,
+                   show_progress_bar: bool = True) -> tuple[QueryAdapter, TrainingHistory, Path]:
+    """The one way an adapter is trained for use: `train_adapter`, save to `out`, and record
+    `training.json` beside it (seconds, pairs, best epoch), so its cost is reported, not remembered.
+
+    Used by `mteb-steer train-adapter` and benchmark.py. Seconds include base encoding of the
+    pairs unless the embedding cache already held those vectors.
+    """
+    started = time.perf_counter()
+    adapter, history = train_adapter(encoder, data, config, show_progress_bar=show_progress_bar)
+    seconds = time.perf_counter() - started
+    folder = adapter.save(out)
+    record = {"seconds": seconds, "pairs": len(data.queries), "best_epoch": history.best_epoch,
+              "fingerprint": adapter.describe()["fingerprint"]}
+    (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return adapter, history, folder
 
 
 # -- export ---------------------------------------------------------------------------------------

@@ -68,6 +68,28 @@ AUTO_SAMPLE = 10_000  # held-out queries scored by `auto` at most (seeded sample
 FUSE_BLOCK = 50_000  # passages fused at once
 
 
+def select_strength(method: str, given: dict[str, Strength | None]) -> Strength:
+    """The one check of a fusion strength: `given` maps alpha/beta/gamma to a value or None.
+
+    Only `method`'s own strength may be set (the others None); unset means "auto". Returns the
+    strength; raises ValueError naming the option and its range. Used by `QueryFusion` and by
+    `SteerConfig.validate`, so the CLI, benchmark.py and library callers get the same message.
+    """
+    if method not in STRENGTH_NAME:
+        raise ValueError(f"unknown fusion method {method!r}; choose one of {sorted(STRENGTH_NAME)}")
+    own = STRENGTH_NAME[method]
+    stray = [name for name, value in given.items() if value is not None and name != own]
+    if stray:
+        raise ValueError(f"fusion {method!r} takes {own}, not {', '.join(stray)} "
+                         f"(on the command line: --{', --'.join(stray)} does not apply to --fusion {method}; it takes --{own})")
+    strength = "auto" if given.get(own) is None else given[own]
+    if strength != "auto" and (isinstance(strength, str | bool) or not np.isfinite(strength) or strength < 0):
+        raise ValueError(f"{own} must be a number >= 0 or 'auto', got {strength!r}")
+    if method == "mean" and strength != "auto" and strength > 1:
+        raise ValueError(f"alpha is a mixing weight in [0, 1], got {strength}")
+    return strength
+
+
 # -- the math, vectorised over all passages --------------------------------------------------------
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -303,16 +325,8 @@ class QueryFusion:
                  drop_fraction: float = 0.0) -> None:
         if method not in FUSERS:
             raise ValueError(f"unknown fusion method {method!r}; choose one of {sorted(FUSERS)}")
-        given = {"alpha": alpha, "beta": beta, "gamma": gamma}
         own = STRENGTH_NAME[method]
-        stray = [name for name, value in given.items() if value is not None and name != own]
-        if stray:
-            raise ValueError(f"fusion {method!r} takes {own}, not {', '.join(stray)}")
-        strength = "auto" if given[own] is None else given[own]
-        if strength != "auto" and (isinstance(strength, str) or not np.isfinite(strength) or strength < 0):
-            raise ValueError(f"{own} must be a number >= 0 or 'auto', got {strength!r}")
-        if method == "mean" and strength != "auto" and strength > 1:
-            raise ValueError(f"alpha is a mixing weight in [0, 1], got {strength}")
+        strength = select_strength(method, {"alpha": alpha, "beta": beta, "gamma": gamma})
         self.grid = sorted(float(v) for v in (grid if grid is not None else DEFAULT_GRIDS[method]))
         if not self.grid or any(v < 0 for v in self.grid):
             raise ValueError(f"the auto grid must be non-empty values >= 0, got {self.grid}")
