@@ -55,7 +55,7 @@ def _number(low: float | None = None, high: float | None = None, *, auto: bool =
 
 _POSITIVE_INT = _number(1, integer=True)
 _NON_NEGATIVE_INT = _number(0, integer=True)
-_STRENGTH_TYPES = {"alpha": _number(0, 1, auto=True), "beta": _number(0, auto=True), "gamma": _number(0, auto=True)}
+_STRENGTH = _number(auto=True)  # a number or 'auto'; the range is fusion.select_strength's to check (one validator)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +120,7 @@ def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
     corpus.add_argument("--fusion", choices=["mean", "sum", "rotate"], default=None,
                         help="fuse passage vectors with their generated queries (bank, else generate with the LLM)")
     for name, what in (("alpha", "mean"), ("beta", "sum"), ("gamma", "rotate")):
-        corpus.add_argument(f"--{name}", type=_STRENGTH_TYPES[name], default=None,
+        corpus.add_argument(f"--{name}", type=_STRENGTH, default=None,
                             help=f"strength of --fusion {what}, or 'auto' (label-free held-out choice; default)")
     _add_llm_arguments(corpus)
     query = ev.add_argument_group("query steering")

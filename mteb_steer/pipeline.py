@@ -94,16 +94,17 @@ class SteerConfig:
                      if getattr(self, name) != SteerConfig.__dataclass_fields__[name].default}
         if bank_only and self.fusion and not self.query_bank:
             raise ValueError(f"{sorted(bank_only)} apply to fusion with a query bank, not to generate-then-fuse")
+        from mteb_steer.steering.llm_client import Transport
+
         Encoding(self.backend, self.dtype, self.embedding_storage)  # names the bad backend / dtype / storage
-        at_least = {"batch_size": 1, "num_queries": 1, "refine_top_k": 1, "refine_steps": 0, "hyde": 0,
-                    "llm_retries": 0}
+        Transport(timeout=self.llm_timeout, retries=self.llm_retries)  # the LLM client's own check
+        at_least = {"batch_size": 1, "num_queries": 1, "refine_top_k": 1, "refine_steps": 0, "hyde": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("refine_lr", "llm_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.refine_lr > 0:
+            raise ValueError(f"refine_lr must be > 0, got {self.refine_lr!r}")
         if self.llm_mode not in LLM_MODES:
             raise ValueError(f"llm_mode must be one of {LLM_MODES}, got {self.llm_mode!r}")
         if self.lexical not in (None, *LEXICAL_METHODS):

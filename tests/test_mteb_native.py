@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import mteb
 import pytest
 
 import mteb_steer
+from mteb_steer.beir import write_beir_slice
 from mteb_steer.cli import main as cli_main
 from mteb_steer.loader import MissingArtifactError
 from mteb_steer.pipeline import SteerConfig, build_model
@@ -28,9 +30,7 @@ def _scores(folder: Path, task: str) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, data_root) -> Path:
     """12 real SciFact test queries over ~90 real passages: a BEIR folder that evaluates in seconds."""
-    from conftest import write_slice
-
-    return write_slice(data_root / "scifact", tmp_path_factory.mktemp("tiny") / "scifact", "test", 12, 70)
+    return write_beir_slice(data_root / "scifact", tmp_path_factory.mktemp("tiny") / "scifact", "test", 12, 70)
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +47,28 @@ def test_steer_config_json_round_trip():
     again = SteerConfig.from_json(json.loads(json.dumps(config.to_json())))
     assert again == config and again.fusion_param == 0.05 and again.strength_name == "beta"
     assert SteerConfig.from_json(SteerConfig().to_json()) == SteerConfig()
+    # every field (encoding, LLM client, bank fusion, ...) set away from its default survives the JSON trip
+    everything = SteerConfig.from_options(
+        beta=0.05, model="org/model", device="cpu", batch_size=8, embedding_cache="cache", backend="onnx",
+        dtype="int8", embedding_storage="float16", query_bank="bank.jsonl.gz", fusion="sum", fusion_rule="best",
+        fusion_weighting="similarity", fusion_temperature=0.1, fusion_drop_fraction=0.2, llm_base_url="http://x",
+        llm_model="m", llm_mode="chat", num_queries=5, llm_cache_dir="llm", query_style="generic", llm_timeout=30.0,
+        llm_retries=1, allow_failed_passages=True, adapter="ad", refine_teacher="bm25", refine_top_k=10,
+        refine_steps=5, refine_lr=0.01, hyde=2, lexical="bm25", lexical_weight=0.3, lexical_fusion="rrf",
+        lexical_expand=False, lexical_index_dir="index")
+    self_tuned = SteerConfig(self_tune=True, lexical="bm25", fusion="mean", query_bank="bank.jsonl.gz")
+    changed = {f.name for c in (everything, self_tuned) for f in fields(SteerConfig)
+               if getattr(c, f.name) != f.default}
+    assert changed == {f.name for f in fields(SteerConfig)}
+    for c in (everything, self_tuned):
+        assert SteerConfig.from_json(json.loads(json.dumps(c.to_json()))) == c
     with pytest.raises(ValueError, match=r"unknown configuration keys \['alpha'\]"):
         SteerConfig.from_json({**config.to_json(), "alpha": 0.1})
 
 
 @pytest.mark.parametrize(("method", "name", "value", "message"), [
-    ("mean", "alpha", 1.5, "alpha is a mixing weight in [0, 1], got 1.5"),
-    ("rotate", "gamma", -0.1, "gamma must be a number >= 0 or 'auto', got -0.1"),
+    ("mean", "alpha", 1.5, "alpha is a mixing weight in [0, 1], got 1.5 (--alpha needs a value in that range)"),
+    ("rotate", "gamma", -0.1, "gamma must be a number >= 0 or 'auto', got -0.1 (--gamma needs such a value)"),
 ])
 def test_cli_and_benchmark_reject_a_bad_strength_with_one_message(method, name, value, message, tmp_path,
                                                                  data_root, capsys):
@@ -91,7 +106,8 @@ def test_preset_is_known_to_mteb_and_rebuilds_the_same_scores(encoder, tiny, tmp
     assert _scores(a.path.parent, a.task) == _scores(b.path.parent, b.task)
     # timing records: one per index/search call, without wrapping the model's methods
     assert [(c["call"], c["task"], c["split"], c["n"]) for c in built.calls] == [
-        ("index", "LocalScifact", "test", sizes["corpus"]), ("search", "LocalScifact", "test", sizes["queries"])]
+        ("index", task.metadata.name, "test", sizes["corpus"]),
+        ("search", task.metadata.name, "test", sizes["queries"])]
     assert {"encode_corpus_s", "score_fusion_fit_s"} <= set(built.calls[0])
     assert {"encode_queries_s", "score_s"} <= set(built.calls[1])
     with pytest.raises(ValueError, match="revision 000000000000 is not registered"):

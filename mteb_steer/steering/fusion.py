@@ -80,13 +80,13 @@ def select_strength(method: str, given: dict[str, Strength | None]) -> Strength:
     own = STRENGTH_NAME[method]
     stray = [name for name, value in given.items() if value is not None and name != own]
     if stray:
-        raise ValueError(f"fusion {method!r} takes {own}, not {', '.join(stray)} "
-                         f"(on the command line: --{', --'.join(stray)} does not apply to --fusion {method}; it takes --{own})")
+        raise ValueError(f"fusion {method!r} takes {own}, not {', '.join(stray)} (on the command line: "
+                         f"--{', --'.join(stray)} does not apply to --fusion {method}; it takes --{own})")
     strength = "auto" if given.get(own) is None else given[own]
     if strength != "auto" and (isinstance(strength, str | bool) or not np.isfinite(strength) or strength < 0):
-        raise ValueError(f"{own} must be a number >= 0 or 'auto', got {strength!r}")
+        raise ValueError(f"{own} must be a number >= 0 or 'auto', got {strength!r} (--{own} needs such a value)")
     if method == "mean" and strength != "auto" and strength > 1:
-        raise ValueError(f"alpha is a mixing weight in [0, 1], got {strength}")
+        raise ValueError(f"alpha is a mixing weight in [0, 1], got {strength} (--alpha needs a value in that range)")
     return strength
 
 
