@@ -148,10 +148,11 @@ class GenConfig:
     require_overlap: bool = True
     query_style: str | None = None
     concurrency: int = 4
-    timeout: float = 120.0
-    retries: int = 3
-    backoff: float = 1.0
-    backoff_cap: float = 30.0
+    # transport settings, defaults taken from the LLM client's (one place for them); see transport()
+    timeout: float = Transport.timeout
+    retries: int = Transport.retries
+    backoff: float = Transport.backoff
+    backoff_cap: float = Transport.backoff_cap
 
     def __post_init__(self) -> None:
         problems = []
