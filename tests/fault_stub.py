@@ -91,9 +91,12 @@ class FaultStub:
                 pass
 
             def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> bool:
-                blob = json.dumps(payload).encode()
+                return self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+            def _send_bytes(self, status: int, blob: bytes, content_type: str,
+                            headers: dict[str, str] | None = None) -> bool:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(blob)))
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
@@ -139,20 +142,10 @@ class FaultStub:
                     self._send(int(status), {"error": {"message": f"stub {status}", "type": "stub"}}, headers)
                     return
                 if action == "badjson":
-                    blob = b'{"id": "stub", "choices": [{"text": "1. widgets'
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(blob)))
-                    self.end_headers()
-                    self.wfile.write(blob)
+                    self._send_bytes(200, b'{"id": "stub", "choices": [{"text": "1. widgets', "application/json")
                     return
                 if action == "html":
-                    page = b"<html><body>Service temporarily unavailable</body></html>"
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html")
-                    self.send_header("Content-Length", str(len(page)))
-                    self.end_headers()
-                    self.wfile.write(page)
+                    self._send_bytes(200, b"<html><body>Service temporarily unavailable</body></html>", "text/html")
                     return
                 if action == "stall":
                     time.sleep(stub.stall_s)
