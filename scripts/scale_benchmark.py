@@ -51,7 +51,7 @@ def _status_kib(field: str) -> int:
 
 
 class Stage:
-    """Times a stage and records its peak resident memory (VmHWM, reset first) and peak RssAnon."""
+    """Times a stage and records its peak resident memory (VmHWM, reset first), peak RssAnon and the load at its end."""
 
     def __init__(self, record: dict, name: str) -> None:
         self.record, self.name, self.anon_peak = record, name, 0
@@ -76,7 +76,8 @@ class Stage:
         self._thread.join()
         self.anon_peak = max(self.anon_peak, _status_kib("RssAnon"))
         self.record[self.name] = {"seconds": round(seconds, 2), "peak_rss_mib": round(_status_kib("VmHWM") / 1024, 1),
-                                  "peak_anon_mib": round(self.anon_peak / 1024, 1)}
+                                  "peak_anon_mib": round(self.anon_peak / 1024, 1),
+                                  "load_avg_1min": round(os.getloadavg()[0], 2)}
         print(f"  {self.name}: {self.record[self.name]}", flush=True)
 
 
