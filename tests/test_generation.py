@@ -33,6 +33,7 @@ from mteb_steer.steering.banks import load_bank, load_bank_metadata
 from mteb_steer.steering.generation import (
     CHARS_PER_TOKEN,
     GenConfig,
+    few_shot_prompt,
     UnparseableOutput,
     export_bank,
     generate,
@@ -44,6 +45,7 @@ from mteb_steer.steering.generation import (
 from mteb_steer.steering.llm_cache import CLAIM_PREFIX, cache_key
 from mteb_steer.steering.llm_client import EndpointError, backoff_delay
 from mteb_steer.steering.llm_server import LLMServerError, LocalServerConfig, local_llm_server
+from mteb_steer.steering.query_style import style_form
 
 REPO = Path(__file__).resolve().parent.parent
 WIDGETS = "Widgets are small machines assembled from gears and springs in a factory."
@@ -137,6 +139,54 @@ def test_config_is_checked_and_identity_tracks_output_changing_fields():
     # transport settings do not change the key
     assert cache_key(GenConfig(model="m", concurrency=9, timeout=5, retries=0).identity(), "p") == cache_key(
         base.identity(), "p")
+
+
+SCIFACT_STYLE = "Given a scientific claim, retrieve documents that support or refute the claim"
+ARGUANA_STYLE = "Given a claim, find documents that refute the claim"
+
+
+def test_style_form_rule_reads_only_the_style_string():
+    assert style_form(SCIFACT_STYLE) == "claim"  # support or refute: verification of a statement
+    assert style_form(ARGUANA_STYLE) == "argument"  # refute only: the query takes a side
+    assert style_form("Given a debate topic, retrieve the best counter-argument") == "argument"
+    assert style_form("Given a financial statement, retrieve related news") == "claim"
+    assert style_form("Given a question, retrieve passages that answer the question") == "question"
+    assert style_form(None) == "question"
+
+
+def test_styled_prompts_show_examples_in_the_style_form_and_the_generic_prompt_is_unchanged():
+    claim_prompt = few_shot_prompt(3, SCIFACT_STYLE)
+    argument_prompt = few_shot_prompt(3, ARGUANA_STYLE)
+    generic_question = "does low vitamin D increase the risk of hip fracture in older adults"
+    assert "1. Low serum vitamin D is linked to a higher rate of hip fractures in adults over 65." in claim_prompt
+    assert "1. Health services should test everyone over 65 for vitamin D deficiency" in argument_prompt
+    for styled, style in ((claim_prompt, SCIFACT_STYLE), (argument_prompt, ARGUANA_STYLE)):
+        assert generic_question not in styled and "?" not in styled  # no question-form example left to copy
+        assert styled.count(style) == 4  # header, and above each of the two examples and the answer
+        assert styled.endswith("\n1.")
+    chat = GenConfig(model="m", mode="chat", query_style=SCIFACT_STYLE).template()[1]
+    assert "a claim: one declarative sentence" in chat and "Low serum vitamin D is linked" in chat
+    # the generic prompts' cache identities, recorded before styles were reworked: old banks stay valid
+    common = {"model": "m", "prompt_version": "v1", "num_queries": 3, "temperature": 0.2, "top_p": 0.95,
+              "max_tokens": 96, "seed": 0, "max_passage_tokens": 768, "require_overlap": True}
+    assert GenConfig(model="m").identity() == {**common, "mode": "completion", "prompt_sha": "6332cdeb1d7e8c85"}
+    assert GenConfig(model="m", mode="chat").identity() == {**common, "mode": "chat", "prompt_sha": "6d0197c2872b0f0c"}
+    assert few_shot_prompt(2).startswith("Each passage below is followed by search queries that it answers.")
+    styled = GenConfig(model="m", query_style=ARGUANA_STYLE).identity()
+    assert styled["style_prompt_version"] == "style-v2" and styled["max_tokens"] == 3 * 96  # arguments run long
+
+
+def test_parse_keeps_styled_claims_and_long_arguments():
+    passage = ("Judges are capable of delivering consistency. Judges are trained professionals and must demonstrate "
+               "competence to be appointed, so they are unlikely to administer random sentences.")
+    argument = ("Judges should keep their discretion in sentencing, because trained professionals who must "
+                "demonstrate competence to be appointed are far better placed than a fixed table of guidelines "
+                "to weigh the circumstances of each crime, and they already follow the precedents of higher courts.")
+    answer = f"1. Judges deliver consistent sentences.\n2. {argument}"
+    assert parse_queries(answer, 2, passage) == ["Judges deliver consistent sentences.", argument]
+    copied = "1. Ocean warming kills coral reefs through bleaching."  # a claim-form example, copied
+    with pytest.raises(UnparseableOutput):
+        parse_queries(copied, 1, "Ocean warming and coral reefs", require_overlap=False)
 
 
 def test_duplicate_ids_fail_before_any_request(tmp_path):

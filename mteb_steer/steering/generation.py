@@ -38,7 +38,7 @@ from mteb_steer.steering.banks import QueryBank, load_bank, save_bank
 from mteb_steer.steering.llm_cache import CacheEntry, QueryCache
 from mteb_steer.steering.llm_client import LLM, EndpointError, LLMClient, RequestFailed, Transport, endpoint_url
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
-from mteb_steer.steering.query_style import clean_style, style_instruction
+from mteb_steer.steering.query_style import QueryForm, clean_style, style_form
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ MIN_RETRY_TOKENS = 32  # a retry after an unusable answer never cuts the passage
 # -- prompts (bump the version when the text changes; the text itself is in the cache key too) ----
 
 PROMPT_VERSION = "v1"
+STYLED_PROMPT_VERSION = "style-v2"  # the styled prompts (query_style set); v1 stated the style in the header only
 
 _FEW_SHOT: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
@@ -84,7 +85,55 @@ _FEW_SHOT: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
 )
 MAX_FEW_SHOT_QUERIES = len(_FEW_SHOT[0][1])
-_EXAMPLE_QUERIES = frozenset(q.lower() for _, qs in _FEW_SHOT for q in qs)
+
+# The same two passages with their queries in the other forms a style can ask for (query_style.style_form):
+# a base model copies the form of its examples, so a styled prompt must show that form, not questions.
+_FORM_QUERIES: dict[QueryForm, tuple[tuple[str, ...], ...]] = {
+    "question": tuple(queries for _, queries in _FEW_SHOT),
+    "claim": (
+        (
+            "Low serum vitamin D is linked to a higher rate of hip fractures in adults over 65.",
+            "Vitamin D supplementation alone does not lower the risk of hip fracture in older adults.",
+            "Older adults with vitamin D deficiency have a 40% higher rate of hip fractures.",
+            "Taking vitamin D together with calcium reduces fracture risk in the elderly.",
+            "The link between low vitamin D and hip fractures holds after adjusting for age, sex and activity.",
+        ),
+        (
+            "Sea temperatures above normal for several weeks cause corals to expel their algae.",
+            "Corals that lose their algae lose their main source of food and often die.",
+            "Mass coral bleaching hit the Great Barrier Reef in 2016 and 2017.",
+            "Bleached corals turn white because they have expelled the algae in their tissues.",
+            "Ocean warming kills coral reefs through bleaching.",
+        ),
+    ),
+    "argument": (
+        (
+            "Health services should test everyone over 65 for vitamin D deficiency, because older adults with "
+            "low vitamin D suffer far more hip fractures and a fracture often ends their independence.",
+            "Telling older people to take vitamin D pills is bad advice: on their own the supplements do not "
+            "prevent fractures, so the money is better spent on calcium and exercise programmes.",
+            "Vitamin D deficiency is a serious public health problem, and a 40% higher rate of hip fractures "
+            "shows that treating it would save lives and hospital costs.",
+            "Fracture prevention cannot rely on supplements alone; older adults need to stay physically "
+            "active, since age and activity matter as much as vitamin D levels.",
+            "Governments should add vitamin D and calcium to common foods, because preventing fractures in "
+            "the elderly is cheaper than treating them.",
+        ),
+        (
+            "Countries must cut carbon emissions now, because warmer seas are bleaching and killing coral "
+            "reefs such as the Great Barrier Reef.",
+            "Coral bleaching is not a natural cycle we can ignore: mass bleaching has struck the Great Barrier "
+            "Reef four times since 1998 and the reefs have no time to recover.",
+            "Tourism on coral reefs should be limited, since bleached corals are already starving and every "
+            "extra stress makes it more likely that they die.",
+            "Money spent on local reef protection is wasted while ocean warming continues, because heat, "
+            "not fishing or pollution, is what makes corals expel their algae.",
+            "Saving coral reefs is worth the cost, because whole ecosystems and the fishing communities "
+            "around them depend on the corals surviving.",
+        ),
+    ),
+}
+_EXAMPLE_QUERIES = frozenset(q.lower() for shots in _FORM_QUERIES.values() for qs in shots for q in qs)
 
 _COMPLETION_HEADER = (
     "Each passage below is followed by search queries that it answers. Every query is specific: "
@@ -92,26 +141,61 @@ _COMPLETION_HEADER = (
 )
 _QUERIES_LINE = "Search queries answered by this passage:"
 
+# what a styled prompt calls the queries of each form (header sentence, and the line before each list)
+_FORM_WORDS: dict[QueryForm, tuple[str, str]] = {
+    "question": ("a question or short search phrase", "Queries"),
+    "claim": ("a claim: one declarative sentence stating a finding as fact, never a question", "Claims"),
+    "argument": ("an argument: a position on the passage's issue with its reason, one or two sentences, "
+                 "never a question", "Arguments"),
+}
+
+# answer budget per query when max_tokens is not given: claims and arguments are whole sentences
+_FORM_TOKENS: dict[QueryForm, int] = {"question": 32, "claim": 48, "argument": 96}
+
 CHAT_SYSTEM = "You write search queries. Answer with a numbered list of queries only, one per line."
 CHAT_USER_V1 = (
     "Write {n} different search queries that the passage below answers. Each query must be specific "
     "to this passage (name its topic, substances or findings) and read like something a person "
     "would type into a search engine.\n\nPassage: {passage}"
 )
+CHAT_USER_STYLED = (
+    "Write {n} different queries for this task: {style}. Each query is {form}, specific to the passage "
+    "below (name its topic, substances or findings). Example of the form: \"{example}\"\n\nPassage: {passage}"
+)
 
 
 def few_shot_prompt(n: int, query_style: str | None = None) -> str:
     """The built-in 2-shot completion template for N queries; `{passage}` marks where the passage goes.
 
-    With `query_style`, the header states the task's query style (query_style.style_instruction).
+    With `query_style`, the examples' queries take the style's form (query_style.style_form) and
+    the style is stated in the header and again above each list, just before the model's answer.
     """
-    header = _COMPLETION_HEADER if query_style is None else (
-        _COMPLETION_HEADER.rstrip("\n") + " " + style_instruction(query_style) + "\n\n")
-    shots = [
-        f"Passage: {text}\n{_QUERIES_LINE}\n" + "\n".join(f"{i}. {q}" for i, q in enumerate(queries[:n], 1)) + "\n"
-        for text, queries in _FEW_SHOT
+    if query_style is None:
+        header, line = _COMPLETION_HEADER, _QUERIES_LINE
+        shots = [queries for _, queries in _FEW_SHOT]
+    else:
+        form = style_form(query_style)
+        what, noun = _FORM_WORDS[form]
+        task = query_style.rstrip(".")
+        header = (f"Each passage below is followed by queries for this task: {task}. Every query is {what}, "
+                  "specific to its own passage (it names the topic, substances or findings).\n\n")
+        line = f"{noun} for the task \"{task}\", from this passage:"
+        shots = list(_FORM_QUERIES[form])
+    blocks = [
+        f"Passage: {text}\n{line}\n" + "\n".join(f"{i}. {q}" for i, q in enumerate(queries[:n], 1)) + "\n"
+        for (text, _), queries in zip(_FEW_SHOT, shots, strict=True)
     ]
-    return header + "\n".join(shots) + f"\nPassage: {{passage}}\n{_QUERIES_LINE}\n1."
+    return header + "\n".join(blocks) + f"\nPassage: {{passage}}\n{line}\n1."
+
+
+def chat_user_prompt(n: int, query_style: str | None = None) -> str:
+    """The built-in chat user message for N queries; with `query_style`, it names the style and shows
+    one example query of the style's form (a claim, an argument or a question)."""
+    if query_style is None:
+        return CHAT_USER_V1.replace("{n}", str(n))
+    form = style_form(query_style)
+    return (CHAT_USER_STYLED.replace("{n}", str(n)).replace("{style}", query_style.rstrip("."))
+            .replace("{form}", _FORM_WORDS[form][0]).replace("{example}", _FORM_QUERIES[form][0][0]))
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -128,7 +212,7 @@ class GenConfig:
     mode: "chat" (instruction-tuned models) or "completion" (base models, 2-shot prompt).
     prompt: custom template with `{passage}` (and optionally `{n}`); for chat it is the user
         message, for completion the whole prompt (end it where the first query starts, e.g. "1.").
-    max_tokens: answer budget; None = 32 tokens per query.
+    max_tokens: answer budget; None = 32 tokens per query (48 for claims, 96 for arguments: style_form).
     max_passage_tokens: longer passages are cut (estimate: CHARS_PER_TOKEN chars a token).
     require_overlap: drop queries sharing no content word with their passage (generic or copied ones).
     query_style: what the task's queries look like (query_style.py), stated in the built-in prompts;
@@ -188,7 +272,7 @@ class GenConfig:
 
     @property
     def answer_tokens(self) -> int:
-        return self.max_tokens or 32 * self.num_queries
+        return self.max_tokens or _FORM_TOKENS[style_form(self.query_style)] * self.num_queries
 
     def template(self) -> tuple[str, str]:
         """(system message, prompt) with `{n}` filled and `{passage}` still open; system is "" unless chat.
@@ -200,9 +284,7 @@ class GenConfig:
             return "", self.prompt.replace("{n}", n)
         if self.mode == "completion":
             return "", few_shot_prompt(self.num_queries, self.query_style)
-        user = CHAT_USER_V1 if self.query_style is None else CHAT_USER_V1.replace(
-            "\n\nPassage:", " " + style_instruction(self.query_style) + "\n\nPassage:")
-        return CHAT_SYSTEM, user.replace("{n}", n)
+        return CHAT_SYSTEM, chat_user_prompt(self.num_queries, self.query_style)
 
     def identity(self) -> dict[str, Any]:
         """What determines the output: the cache key's generator part and the bank's provenance. No secrets."""
@@ -215,7 +297,8 @@ class GenConfig:
             "seed": self.seed, "max_passage_tokens": self.max_passage_tokens,
             "require_overlap": self.require_overlap,
             # only when set, so the cache keys of banks generated before styles stay valid
-            **({"query_style": self.query_style} if self.query_style is not None else {}),
+            **({"query_style": self.query_style, "style_prompt_version": STYLED_PROMPT_VERSION}
+               if self.query_style is not None else {}),
         }
 
 

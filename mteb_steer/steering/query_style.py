@@ -11,7 +11,10 @@ or labels; a BEIR folder has no such declaration, so the user states it (`--quer
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Literal
+
+QueryForm = Literal["question", "claim", "argument"]
 
 TASK_STYLE = "task"  # CLI value: take the style from the task's metadata
 GENERIC_STYLE = "generic"  # CLI value: no style, the v1 question-style prompt
@@ -52,6 +55,25 @@ def resolve_query_style(option: str | None, task: Any | None) -> str | None:
     return clean_style(option)
 
 
-def style_instruction(style: str) -> str:
-    """The sentence a prompt carries to ask for queries in `style`."""
-    return f"The queries are written for this task: {style.rstrip('.')}. Each query reads like the input of that task."
+_OPPOSE = re.compile(r"\b(refut\w*|counter\w*|rebut\w*|oppos\w*|against|debat\w*|argument\w*)\b", re.I)
+_VERIFY = re.compile(r"\b(support\w*|verif\w*|fact\w*|evidence)\b", re.I)
+_CLAIM = re.compile(r"\b(claim\w*|statement\w*|assertion\w*|hypothes\w*|fact\w*|opinion\w*|stance\w*)\b", re.I)
+
+
+def style_form(style: str | None) -> QueryForm:
+    """Which form of example queries a completion prompt shows for `style`, by a fixed word rule.
+
+    Why: a small base model copies the form of its few-shot examples and ignores a stated style, so
+    the examples must already have the style's form. The rule reads the style string only (first
+    match wins): a style that asks for documents opposing the query (refute, counter, rebut, oppose,
+    against, debate, argument) with no word of verification (support, verify, fact, evidence) wants
+    "argument" queries (a stance with its reason); a style naming a claim, statement, assertion,
+    hypothesis, fact, opinion or stance wants "claim" queries (declarative statements); anything
+    else, and no style, wants "question" queries (the generic prompt's form).
+    """
+    if style is None:
+        return "question"
+    if _OPPOSE.search(style) and not _VERIFY.search(style):
+        return "argument"
+    return "claim" if _CLAIM.search(style) else "question"
+
