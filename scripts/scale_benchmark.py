@@ -236,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode or not result:
             records[n_docs] = {"n_docs": n_docs, "failed": f"exit {proc.returncode}: {proc.stderr[-500:]}"}
         else:
-            records[n_docs] = {**json.loads(result[-1][len("RESULT "):]), "skipped": sorted(set(args.stages) - set(stages))}
+            records[n_docs] = {**json.loads(result[-1][len("RESULT "):]), "skipped": sorted(set(args.stages) - set(stages)),
+                               "command": "python scripts/scale_benchmark.py " + " ".join(argv or sys.argv[1:]),
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         ordered = [records[k] for k in sorted(records)]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": "python scripts/scale_benchmark.py " + " ".join(argv or sys.argv[1:]),
-                                   "machine": f"{os.cpu_count()} CPU cores, no GPU", "sizes": ordered}, indent=1) + "\n")
+        out.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores, no GPU", "sizes": ordered}, indent=1) + "\n")
         plot([r for r in ordered if "failed" not in r], Path(args.plot))
     return 0
 
