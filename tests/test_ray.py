@@ -167,3 +167,55 @@ def test_ray_encoding_writes_the_in_process_cache_entry(local_ray, encoder, scif
     assert local.cache.get(key, rows=len(texts)) is not None  # the local encoder finds Ray's entry
     reference = encoder.embed(texts, PromptType.document)
     np.testing.assert_allclose(np.asarray(on_ray), reference, atol=1e-5)
+
+
+def _descendant_servers() -> list[int]:
+    """PIDs of llama.cpp servers anywhere below this process (the Ray workers' embedded servers)."""
+    parent: dict[int, int] = {}
+    servers = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if b"llama_cpp.server" in (proc / "cmdline").read_bytes():
+                    servers.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def below_us(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid in servers if below_us(pid)]
+
+
+@pytest.mark.llm
+@pytest.mark.slow
+def test_ray_embedded_replicas_one_killed_cover_every_passage_like_one_process(local_ray, passages, tmp_path):
+    from mteb_steer.steering.llm_server import LocalServerConfig
+
+    server = LocalServerConfig(model_path=str(smollm2_gguf()), alias="smollm2-135m", n_ctx=1024, n_threads=1)
+    subset = passages[:12]
+    one = generate(subset, CONFIG, tmp_path / "one", server=server, show_progress=False)
+    cache_dir = tmp_path / "ray"
+    killed: list[int] = []
+
+    def kill_one_replica() -> None:
+        while _entries(cache_dir) < 3 or len(_descendant_servers()) < 2:  # both replicas up, some work done
+            time.sleep(0.2)
+        pid = _descendant_servers()[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    threading.Thread(target=kill_one_replica, daemon=True).start()
+    report = generate_on_ray(subset, CONFIG, cache_dir, RayPlan(workers=2, batch_size=2), server=server,
+                             show_progress=False)
+    assert killed, "the run ended before a replica was killed: the test proved nothing"
+    assert report.failures == {} and report.generated == len(subset) and report.rerouted >= 1
+    assert export_bank(subset, CONFIG, cache_dir, tmp_path / "r.jsonl", server) == \
+        export_bank(subset, CONFIG, tmp_path / "one", tmp_path / "o.jsonl", server) == one.bank
+    again = generate_on_ray(subset, CONFIG, cache_dir, RayPlan(workers=2), server=server, show_progress=False)
+    assert again.requests == 0 and again.cached == len(subset) and not _descendant_servers()

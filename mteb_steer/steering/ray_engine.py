@@ -21,8 +21,9 @@ Workers, one kind per run:
 Failover: the live endpoints are listed in one registry actor. A worker whose endpoint is declared
 dead (the LLM client's rule: `max_failures_in_a_row` failures with no success) marks it dead there
 and sends the batch's unfinished passages, and the ones that failed there, to another live endpoint
-(`report.rerouted`). An actor that dies is restarted by Ray Data and its batch retried. The run
-stops with `EndpointError` only when no endpoint is left.
+(`report.rerouted`); an embedded worker with no live replica left starts a new server of its own
+(at most MAX_SERVER_RESTARTS times). An actor that dies is restarted by Ray Data and its batch
+retried. The run stops with `EndpointError` only when no endpoint is left.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from mteb_steer.steering.llm_client import EndpointError, LLMClient
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
 
 COUNTS = ("requests", "prompt_tokens", "completion_tokens", "rerouted")
+MAX_SERVER_RESTARTS = 2  # an embedded replica that keeps dying is not restarted forever
 
 
 @dataclass(frozen=True)
@@ -171,16 +173,27 @@ class GenerationWorker:
                  threads: int) -> None:
         self.ray = require_ray()
         self.config, self.registry, self.api_key, self.threads = config, registry, api_key, threads
-        self.own: str | None = None
+        self.server, self.own = server, None
+        self.restarts = 0
         if server is not None:
-            self.own, self._stop = _serve_in_thread(server)
-            self.ray.get(registry.add.remote(self.own))
+            self._start_server()
         self.url: str | None = None
         self.generator: QueryGenerator | None = None
+
+    def _start_server(self) -> None:
+        """Start this worker's embedded server (again, after it died) and list it for every worker."""
+        if self.own is not None:
+            self._stop.set()  # the holder thread leaves its block: the dead server's process is reaped
+        self.own, self._stop = _serve_in_thread(self.server)
+        self.ray.get(self.registry.add.remote(self.own))
 
     def _connect(self) -> QueryGenerator:
         while self.generator is None:
             url = self.ray.get(self.registry.pick.remote(self.own))
+            if url is None and self.server is not None and self.restarts < MAX_SERVER_RESTARTS:
+                self.restarts += 1  # no replica left alive (the others may still be starting): a new one
+                self._start_server()
+                continue
             if url is None:
                 raise EndpointError("every LLM endpoint of this Ray run is dead: restart them, then rerun "
                                     "(finished passages are cached)")
@@ -216,6 +229,11 @@ class GenerationWorker:
                                                       "prompt_tokens": gen.prompt_tokens,
                                                       "completion_tokens": gen.completion_tokens}))
             gen.prompt_tokens = gen.completion_tokens = 0
+            if dead is None and any("failure" in results[d] for d, _ in todo):
+                try:  # failures on an endpoint that no longer answers are the endpoint's, not the passages'
+                    gen.llm.check()
+                except EndpointError as err:
+                    dead = err
             if dead is None:
                 break
             # the endpoint died: what it left unfinished, and what failed there, goes to another one
@@ -329,10 +347,12 @@ def _run(ray: Any, todo: list[tuple[str, str]], total: int, config: GenConfig, p
                                     tokens=counts["prompt_tokens"] + counts["completion_tokens"],
                                     failed=len(report.failures), refresh=False)
         except Exception as err:  # a worker's EndpointError arrives wrapped in Ray's exceptions: unwrap it
-            cause = err
+            cause: BaseException | None = err
             while cause is not None and not isinstance(cause, EndpointError):
-                cause = cause.__cause__
-            raise (cause or err) from None
+                cause = getattr(cause, "cause", None) or cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
         finally:
             counts, dead = ray.get(registry.totals.remote())
             for name in COUNTS:
