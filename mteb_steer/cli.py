@@ -321,7 +321,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"generate needs a local BEIR copy of {args.task} (give --data-root or a folder)")
     rows = list(read_jsonl(find_file(folder, "corpus")))[: args.limit]
     passages = [(str(r["_id"]), passage_text(r.get("title"), r.get("text"))) for r in rows]
-    config = SteerConfig(llm_base_url=urls[0] if urls and args.engine == "local" else None, llm_model=args.llm_model, llm_mode=args.llm_mode,
+    config = SteerConfig(llm_base_url=urls[0] if urls and args.engine == "local" else None,
+                         llm_model=args.llm_model or args.vllm_model, llm_mode=args.llm_mode,
                          num_queries=args.num_queries, llm_cache_dir=args.cache_dir, llm_timeout=args.llm_timeout,
                          llm_retries=args.llm_retries)
     gen_config = _gen_config(config, query_style=resolve_query_style(args.query_style, task))
@@ -331,7 +332,8 @@ def _generate(args: argparse.Namespace) -> int:
         from mteb_steer.steering.ray_engine import RayPlan, generate_on_ray
 
         plan = RayPlan(address=args.ray_address, endpoints=urls or tuple(filter(None, [endpoint_url(None)])),
-                       workers=args.ray_workers, per_endpoint=args.per_endpoint or RayPlan.per_endpoint, vllm_model=args.vllm_model)
+                       workers=args.ray_workers, per_endpoint=args.per_endpoint or RayPlan.per_endpoint,
+                       vllm_model=args.vllm_model)
         report = generate_on_ray(passages, gen_config, config.llm_cache(), plan)
         print(report.summary())
     elif not args.no_generate:
@@ -433,13 +435,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return mteb_main(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(include_submit=command not in {"evaluate", "generate", "encode", "train-adapter"}).parse_args(argv)
+    local_commands = {"evaluate", "generate", "encode", "train-adapter"}
+    args = build_parser(include_submit=command not in local_commands).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from mteb_steer.steering.generation import IncompleteGeneration
     from mteb_steer.steering.llm_client import EndpointError
 
-    handlers = {"evaluate": _evaluate, "generate": _generate, "encode": _encode, "train-adapter": _train_adapter, "submit": _submit}
+    handlers = {"evaluate": _evaluate, "generate": _generate, "encode": _encode, "train-adapter": _train_adapter,
+                "submit": _submit}
     try:
         return handlers[args.command](args)
     except EndpointError as err:

@@ -219,3 +219,25 @@ def test_ray_embedded_replicas_one_killed_cover_every_passage_like_one_process(l
         export_bank(subset, CONFIG, tmp_path / "one", tmp_path / "o.jsonl", server) == one.bank
     again = generate_on_ray(subset, CONFIG, cache_dir, RayPlan(workers=2), server=server, show_progress=False)
     assert again.requests == 0 and again.cached == len(subset) and not _descendant_servers()
+
+
+@pytest.mark.slow
+def test_cli_encode_on_ray_is_reused_by_a_local_evaluation(scifact_slice, tmp_path):
+    """`encode --engine ray` fills the cache; `evaluate` then encodes only the queries (one new file)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cache = tmp_path / "emb"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mteb_steer.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=900)
+
+    encoded = cli("encode", "-t", str(scifact_slice), "--engine", "ray", "--ray-workers", "2", "--device", "cpu",
+                  "--embedding-cache", str(cache))
+    assert encoded.returncode == 0, encoded.stderr[-2000:]
+    corpus_files = set(cache.glob("*.npy"))
+    assert len(corpus_files) == 1 and str(next(iter(corpus_files))) in encoded.stdout
+    evaluated = cli("evaluate", "-t", str(scifact_slice), "--device", "cpu", "--embedding-cache", str(cache),
+                    "--output-folder", str(tmp_path / "out"))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    new = set(cache.glob("*.npy")) - corpus_files
+    assert len(new) == 1 and np.load(next(iter(new))).shape[0] == 40  # the 40 queries; the corpus came from Ray

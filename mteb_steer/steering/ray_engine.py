@@ -246,7 +246,7 @@ class GenerationWorker:
         return {"doc_id": ids, "result": [json.dumps(results[d]) for d in ids]}
 
 
-def _vllm_dataset(ds: Any, config: GenConfig, plan: RayPlan) -> Any:
+def _vllm_dataset(ray: Any, ds: Any, config: GenConfig, plan: RayPlan) -> Any:
     """`ds` run through `ray.data.llm` vLLM engines (one per GPU); rows come back as {doc_id, result}.
 
     Not run in this repository (no GPU, no vllm): written to ray.data.llm's documented API. An answer
@@ -258,7 +258,10 @@ def _vllm_dataset(ds: Any, config: GenConfig, plan: RayPlan) -> Any:
     completion = config.mode == "completion"
 
     def pre(row: dict[str, Any]) -> dict[str, Any]:
-        return {**row, **config.request(row["passage"]), "sampling_params": config.sampling(config.seed)}
+        request = config.request(row["passage"])
+        stop = request.pop("stop", None)  # a sampling parameter for vLLM
+        sampling = {**config.sampling(config.seed), **({"stop": stop} if stop else {})}
+        return {**row, **request, "sampling_params": sampling}
 
     def post(row: dict[str, Any]) -> dict[str, Any]:
         text = config.answer_text({"prompt": row.get("prompt")} if completion else {}, row["generated_text"])
@@ -272,7 +275,8 @@ def _vllm_dataset(ds: Any, config: GenConfig, plan: RayPlan) -> Any:
                            completion_tokens=int(row["num_generated_tokens"]))
         return {"doc_id": row["doc_id"], "result": json.dumps({"entry": entry.to_dict()})}
 
-    engine = vLLMEngineProcessorConfig(model_source=plan.vllm_model, concurrency=plan.workers or 1,
+    engines = plan.workers or max(1, int(ray.cluster_resources().get("GPU", 1)))  # one per GPU
+    engine = vLLMEngineProcessorConfig(model_source=plan.vllm_model, concurrency=engines,
                                        batch_size=plan.batch_size, chat_template_stage=not completion,
                                        should_continue_on_error=True)
     return build_processor(engine, preprocess=pre, postprocess=post)(ds)
@@ -297,7 +301,7 @@ def generate_on_ray(passages: Passages, config: GenConfig, cache_dir: str | os.P
     with QueryCache(cache_dir) as cache:
         report, todo, order = start_report(passages, config, cache)
         if todo:
-            with ray_session(plan.address, num_cpus=None) as ray:
+            with ray_session(plan.address) as ray:
                 _run(ray, todo, len(order), config, plan, api_key, server, cache, identity, transport, report,
                      show_progress)
     return finish_report(report, order, start)
@@ -307,10 +311,11 @@ def _run(ray: Any, todo: list[tuple[str, str]], total: int, config: GenConfig, p
          server: LocalServerConfig, cache: QueryCache, identity: dict[str, Any], transport: Any,
          report: GenerationReport, show_progress: bool) -> None:
     texts = dict(todo)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar says more
     ds = ray.data.from_items([{"doc_id": d, "passage": p} for d, p in todo])
     registry = ray.remote(num_cpus=0)(EndpointRegistry).remote(list(plan.endpoints))
     if plan.vllm_model:
-        ds = _vllm_dataset(ds, config, plan)
+        ds = _vllm_dataset(ray, ds, config, plan)
     else:
         embedded = not plan.endpoints
         ds = ds.map_batches(GenerationWorker, batch_size=plan.batch_size, concurrency=plan.worker_count,
