@@ -2,6 +2,7 @@
 
 evaluate        run MTEB retrieval tasks with a (steered) model; leaderboard-layout results
 generate        fill the LLM query cache for a corpus and/or export it as a portable query bank
+encode          fill the embedding cache with a task's corpus vectors (in this process or on Ray)
 train-adapter   fit a linear query adapter on labelled pairs or on generated queries
 submit          prepare a results-repository submission (nothing is pushed)
 mteb            mteb's own CLI (run, mock-run, ...) with this package's models and local tasks
@@ -80,10 +81,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "default $MTEB_STEER_DATA_ROOT or ../shared/datasets")
 
 
-def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--llm-base-url", default=None,
+def _add_llm_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    parser.add_argument("--llm-base-url", default=None, action="append" if several else "store",
                         help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else the embedded llama.cpp "
-                             "server with the bundled Gemma-3-270m); the key comes from $OPENAI_API_KEY")
+                             "server with the bundled Gemma-3-270m); the key comes from $OPENAI_API_KEY"
+                             + ("; with --engine ray give it several times, or name a file of URLs" if several
+                                else ""))
     parser.add_argument("--llm-model", default=None, help="model name at the endpoint (needed with a URL)")
     parser.add_argument("--llm-mode", choices=["completion", "chat"], default="completion",
                         help="completion (2-shot prompt, base models) or chat (instruction-tuned models)")
@@ -100,6 +103,24 @@ def _add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-failed-passages", action="store_true",
                         help="accept passages that got no queries: generate exits 0, evaluate files the result "
                              "under a 'partial' revision (default: exit code 4, no result)")
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: this process; ray: a Ray pipeline (pip install 'mteb-steer[ray]')")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join (e.g. ray://head:10001); default: start a local Ray instance")
+    parser.add_argument("--ray-workers", type=_POSITIVE_INT, default=None,
+                        help="Ray workers (default: one per endpoint, 2 embedded LLM replicas, or one encoder per "
+                             "GPU, else per CPU)")
+
+
+def _check_engine(args: argparse.Namespace, ray_only: Sequence[str]) -> None:
+    """Ray flags without --engine ray would be ignored: refuse them."""
+    given = [f"--{name.replace('_', '-')}" for name in ("ray_address", "ray_workers", *ray_only)
+             if getattr(args, name) is not None]
+    if args.engine != "ray" and given:
+        raise ValueError(f"{', '.join(given)} need(s) --engine ray")
 
 
 def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
@@ -149,10 +170,21 @@ def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate queries for a corpus into the cache; optionally export a bank")
     gen.add_argument("-t", "--task", required=True, help="task name or BEIR folder whose corpus to use")
     gen.add_argument("--data-root", default=None)
-    _add_llm_arguments(gen)
+    _add_llm_arguments(gen, several=True)
     gen.add_argument("--export", default=None, help="write the cached queries to this JSONL(.gz) bank")
     gen.add_argument("--no-generate", action="store_true", help="only export what the cache holds (no requests)")
     gen.add_argument("--limit", type=_POSITIVE_INT, default=None, help="only the first N passages")
+    _add_engine_arguments(gen)
+    gen.add_argument("--per-endpoint", type=_POSITIVE_INT, default=None,
+                     help="with --engine ray: requests in flight per endpoint worker (default 4)")
+    gen.add_argument("--vllm-model", default=None,
+                     help="with --engine ray: generate with ray.data.llm vLLM engines, one per GPU, running this "
+                          "model (needs GPU nodes and `pip install 'ray[llm]'`)")
+
+    enc = sub.add_parser("encode", help="encode the corpus of tasks into the embedding cache (here or on Ray)")
+    _add_model_arguments(enc)
+    enc.add_argument("-t", "--tasks", nargs="+", required=True, help="MTEB task names or BEIR folder paths")
+    _add_engine_arguments(enc)
 
     tr = sub.add_parser("train-adapter", help="train a linear query adapter")
     _add_model_arguments(tr)
@@ -281,19 +313,31 @@ def _generate(args: argparse.Namespace) -> int:
     from mteb_steer.steering.query_style import resolve_query_style
     from mteb_steer.tasks import resolve_task
 
+    _check_engine(args, ("vllm_model", "per_endpoint"))
+    urls = _endpoints(args.llm_base_url or [], args.engine)
     task = resolve_task(args.task, args.data_root)
     folder = getattr(task, "data_folder", None)
     if folder is None:
         raise ValueError(f"generate needs a local BEIR copy of {args.task} (give --data-root or a folder)")
     rows = list(read_jsonl(find_file(folder, "corpus")))[: args.limit]
     passages = [(str(r["_id"]), passage_text(r.get("title"), r.get("text"))) for r in rows]
-    config = SteerConfig(llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_mode=args.llm_mode,
+    config = SteerConfig(llm_base_url=urls[0] if urls and args.engine == "local" else None,
+                         llm_model=args.llm_model or args.vllm_model, llm_mode=args.llm_mode,
                          num_queries=args.num_queries, llm_cache_dir=args.cache_dir, llm_timeout=args.llm_timeout,
                          llm_retries=args.llm_retries)
     gen_config = _gen_config(config, query_style=resolve_query_style(args.query_style, task))
     report = None
-    if not args.no_generate:
-        report = generate(passages, gen_config, config.llm_cache(), base_url=args.llm_base_url)
+    if not args.no_generate and args.engine == "ray":
+        from mteb_steer.steering.llm_client import endpoint_url
+        from mteb_steer.steering.ray_engine import RayPlan, generate_on_ray
+
+        plan = RayPlan(address=args.ray_address, endpoints=urls or tuple(filter(None, [endpoint_url(None)])),
+                       workers=args.ray_workers, per_endpoint=args.per_endpoint or RayPlan.per_endpoint,
+                       vllm_model=args.vllm_model)
+        report = generate_on_ray(passages, gen_config, config.llm_cache(), plan)
+        print(report.summary())
+    elif not args.no_generate:
+        report = generate(passages, gen_config, config.llm_cache(), base_url=config.llm_base_url)
         print(report.summary())
     if args.export:
         bank = export_bank(passages, gen_config, config.llm_cache(), args.export)
@@ -301,6 +345,59 @@ def _generate(args: argparse.Namespace) -> int:
     if report is not None and not args.allow_failed_passages:
         report.require_complete("pass --allow-failed-passages to accept the gaps")
     return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    _check_engine(args, ())
+    from mteb.types import PromptType
+
+    from mteb_steer.backbone import check_encoding, resolve_backbone
+    from mteb_steer.embedding_cache import EmbeddingCache, default_embedding_cache
+    from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
+    from mteb_steer.encoding import Encoding
+    from mteb_steer.identity import encoding_meta
+    from mteb_steer.tasks import resolve_task
+
+    cache_dir = args.embedding_cache or default_embedding_cache()
+    check_writable(cache_dir, "--embedding-cache")
+    encoding = Encoding(args.backend, args.dtype, args.embedding_storage)
+    check_encoding(args.device, encoding)
+    backbone = resolve_backbone(args.model)
+    options = {"model_name": args.model, "device": args.device, "batch_size": args.batch_size,
+               "backend": args.backend, "dtype": args.dtype, "embedding_storage": args.embedding_storage}
+    corpora: dict[str, list[str]] = {}  # cache key -> texts, each corpus once
+    meta = encoding_meta(backbone.meta, encoding)
+    for name in args.tasks:
+        task = resolve_task(name, args.data_root)
+        task.load_data()
+        for split in task.eval_splits:
+            texts = dataset_passage_texts(task.dataset["default"][split]["corpus"])
+            corpora[SteerEncoder.cache_key(meta, "document", texts, args.embedding_storage)] = texts
+    if args.engine == "ray":
+        from mteb_steer.ray_cluster import encode_on_ray, ray_session
+
+        with ray_session(args.ray_address):
+            for key, texts in corpora.items():
+                encode_on_ray(texts, options, EmbeddingCache(cache_dir), key, args.embedding_storage,
+                              actors=args.ray_workers, batch_size=args.batch_size)
+    else:
+        encoder = SteerEncoder(**options, cache_dir=cache_dir, backbone=backbone)
+        for texts in corpora.values():
+            encoder.embed(texts, PromptType.document, show_progress_bar=True)
+    for key, texts in corpora.items():
+        print(f"{len(texts)} passages -> {cache_dir}/{key}.npy")
+    return 0
+
+
+def _endpoints(values: Sequence[str], engine: str) -> tuple[str, ...]:
+    """The --llm-base-url values as URLs (files of URLs read); more than one needs --engine ray."""
+    if engine == "ray":
+        from mteb_steer.steering.ray_engine import read_endpoints
+
+        return read_endpoints(values)
+    if len(values) > 1:
+        raise ValueError("--llm-base-url given several times needs --engine ray")
+    return tuple(values)
 
 
 def _train_adapter(args: argparse.Namespace) -> int:
@@ -338,13 +435,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return mteb_main(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(include_submit=command not in {"evaluate", "generate", "train-adapter"}).parse_args(argv)
+    local_commands = {"evaluate", "generate", "encode", "train-adapter"}
+    args = build_parser(include_submit=command not in local_commands).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from mteb_steer.steering.generation import IncompleteGeneration
     from mteb_steer.steering.llm_client import EndpointError
 
-    handlers = {"evaluate": _evaluate, "generate": _generate, "train-adapter": _train_adapter, "submit": _submit}
+    handlers = {"evaluate": _evaluate, "generate": _generate, "encode": _encode, "train-adapter": _train_adapter,
+                "submit": _submit}
     try:
         return handlers[args.command](args)
     except EndpointError as err:

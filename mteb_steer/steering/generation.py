@@ -286,6 +286,28 @@ class GenConfig:
             return "", few_shot_prompt(self.num_queries, self.query_style)
         return CHAT_SYSTEM, chat_user_prompt(self.num_queries, self.query_style)
 
+    def request(self, passage: str) -> dict[str, Any]:
+        """What one request for `passage` sends besides sampling: `prompt` and `stop` (completion) or `messages`.
+
+        One place for it, so every engine (one process, Ray workers, vLLM on Ray) asks the same thing.
+        """
+        system, template = self.template()
+        text = template.replace("{passage}", passage)
+        if self.mode == "completion":
+            return {"prompt": text, "stop": ["\n\n", "Passage:", f"\n{self.num_queries + 1}."]}
+        return {"messages": ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}]}
+
+    def sampling(self, seed: int) -> dict[str, Any]:
+        """Sampling parameters of one request (OpenAI and vLLM use the same names)."""
+        return {"max_tokens": self.answer_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": seed}
+
+    @staticmethod
+    def answer_text(request: Mapping[str, Any], text: str) -> str:
+        """The answer as the parser reads it: a completion prompt that ends in "1." gets that marker back."""
+        prompt = request.get("prompt")
+        return ("1." if prompt is not None and prompt.endswith("1.") else "") + text
+
     def identity(self) -> dict[str, Any]:
         """What determines the output: the cache key's generator part and the bank's provenance. No secrets."""
         if self.model is None:
@@ -421,7 +443,8 @@ class GenerationReport:
     """Outcome of a run: the bank (cached + new), what failed and why, and the cost.
 
     `from_other_workers` counts passages another process generated while this one waited for them
-    (both had claimed the same cache: each passage is requested once).
+    (both had claimed the same cache: each passage is requested once). `rerouted` counts passages
+    sent again to another endpoint because theirs died mid-run (the Ray engine).
     """
 
     bank: QueryBank = field(default_factory=dict)
@@ -434,6 +457,7 @@ class GenerationReport:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    rerouted: int = 0
     seconds: float = 0.0
 
     @property
@@ -453,7 +477,8 @@ class GenerationReport:
                 f"{next(iter(self.failures.values()))}); rerun to retry them (finished ones are cached), or {allowed}")
 
     def summary(self) -> dict[str, Any]:
-        keys = ("cached", "generated", "from_other_workers", "requests", "prompt_tokens", "completion_tokens")
+        keys = ("cached", "generated", "from_other_workers", "rerouted", "requests", "prompt_tokens",
+                "completion_tokens")
         return {"passages_with_queries": len(self.bank), "failed": len(self.failures), "empty": len(self.empty),
                 "truncated": len(self.truncated), **{k: getattr(self, k) for k in keys},
                 "seconds": round(self.seconds, 1)}
@@ -470,7 +495,6 @@ class QueryGenerator:
             raise ValueError(f"no model name for endpoint {llm.base_url}: pass --llm-model NAME")
         self.config = config
         self.llm = llm
-        self._system, self._template = config.template()
         self._lock = threading.Lock()
         self._halt: EndpointError | None = None  # set when the run stops: running workers give up at once
         self.prompt_tokens = self.completion_tokens = 0
@@ -478,17 +502,13 @@ class QueryGenerator:
     def _ask(self, passage: str, seed: int) -> tuple[str, bool, int, int]:
         """One request (retried by the client): (answer, cut by max_tokens, prompt tokens, completion tokens)."""
         cfg = self.config
-        params: dict[str, Any] = {"model": cfg.model, "max_tokens": cfg.answer_tokens, "temperature": cfg.temperature,
-                                  "top_p": cfg.top_p, "seed": seed}
+        request = cfg.request(passage)
+        params = {"model": cfg.model, **cfg.sampling(seed), **request}
         if cfg.mode == "completion":
-            prompt = self._template.replace("{passage}", passage)
-            stop = ["\n\n", "Passage:", f"\n{cfg.num_queries + 1}."]
-            choice, usage = self._first(self.llm.complete(prompt=prompt, stop=stop, **params))
-            text = ("1." if prompt.endswith("1.") else "") + (choice.text or "")
+            choice, usage = self._first(self.llm.complete(**params))
+            text = cfg.answer_text(request, choice.text or "")
         else:
-            messages = ([{"role": "system", "content": self._system}] if self._system else []) + [
-                {"role": "user", "content": self._template.replace("{passage}", passage)}]
-            choice, usage = self._first(self.llm.chat(messages=messages, **params))
+            choice, usage = self._first(self.llm.chat(**params))
             text = getattr(getattr(choice, "message", None), "content", None) or ""
         p_tok, c_tok = (usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else (0, 0)
         with self._lock:
@@ -622,7 +642,8 @@ def resolve_model(config: GenConfig, server: LocalServerConfig) -> GenConfig:
     return config if config.model is not None else replace(config, model=server.model_alias())
 
 
-def _embedded_config(config: GenConfig, server: LocalServerConfig) -> GenConfig:
+def embedded_config(config: GenConfig, server: LocalServerConfig) -> GenConfig:
+    """`config` for the embedded server: its alias as the model, one request at a time."""
     alias = server.model_alias()
     if config.model not in (None, alias):
         raise ValueError(f"--llm-model {config.model!r} needs --llm-base-url (or OPENAI_BASE_URL): "
@@ -659,7 +680,26 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
     """
     server = server or LocalServerConfig()
     endpoint = endpoint_url(base_url)
-    config = config if endpoint else _embedded_config(config, server)
+    config = config if endpoint else embedded_config(config, server)
+    start = time.monotonic()
+    with QueryCache(cache_dir) as cache:
+        report, todo, order = start_report(passages, config, cache)
+        if todo:
+            if endpoint:
+                _generate_at(endpoint, api_key, config, todo, len(order), cache, report, show_progress)
+            else:
+                with local_llm_server(server) as local_url:
+                    _generate_at(local_url, None, config, todo, len(order), cache, report, show_progress)
+    return finish_report(report, order, start)
+
+
+def start_report(passages: Passages, config: GenConfig, cache: QueryCache
+                 ) -> tuple[GenerationReport, list[tuple[str, str]], list[str]]:
+    """Check the input and read the cache: (report holding the cached queries, passages to generate, id order).
+
+    Duplicate ids raise; empty passages are skipped and too-long ones cut, each with one warning.
+    Shared by the single-process run and the Ray engine, so both see the same passages and keys.
+    """
     identity = config.identity()
     prepared = prepare_passages(passages, config.max_passage_tokens)
     report = GenerationReport(empty=prepared.empty, truncated=prepared.truncated)
@@ -670,24 +710,20 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
         logger.warning("%d of %d passage(s) are longer than ~%d tokens and were truncated for the LLM "
                        "(GenConfig.max_passage_tokens), e.g. %s", len(prepared.truncated), len(prepared.items),
                        config.max_passage_tokens, prepared.truncated[:5])
-    start = time.monotonic()
-    with QueryCache(cache_dir) as cache:
-        todo: list[tuple[str, str]] = []
-        for doc_id, passage in prepared.items:
-            entry = cache.get(identity, passage)
-            if entry is None:
-                todo.append((doc_id, passage))
-            else:
-                report.bank[doc_id] = entry.queries
-        report.cached = len(report.bank)
-        if todo:
-            total = len(prepared.items)
-            if endpoint:
-                _generate_at(endpoint, api_key, config, todo, total, cache, report, show_progress)
-            else:
-                with local_llm_server(server) as local_url:
-                    _generate_at(local_url, None, config, todo, total, cache, report, show_progress)
-    report.bank = {doc_id: report.bank[doc_id] for doc_id, _ in prepared.items if doc_id in report.bank}
+    todo: list[tuple[str, str]] = []
+    for doc_id, passage in prepared.items:
+        entry = cache.get(identity, passage)
+        if entry is None:
+            todo.append((doc_id, passage))
+        else:
+            report.bank[doc_id] = entry.queries
+    report.cached = len(report.bank)
+    return report, todo, [doc_id for doc_id, _ in prepared.items]
+
+
+def finish_report(report: GenerationReport, order: Sequence[str], start: float) -> GenerationReport:
+    """Put the bank in input order, stamp the time, and warn once about passages that got no queries."""
+    report.bank = {doc_id: report.bank[doc_id] for doc_id in order if doc_id in report.bank}
     report.seconds = time.monotonic() - start
     if report.failures:
         first = next(iter(report.failures.items()))
