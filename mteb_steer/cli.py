@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mteb_steer.embedding_cache import STORAGE_DTYPES, default_embedding_cache
+from mteb_steer.embedding_cache import CACHE_ENV, STORAGE_DTYPES, default_embedding_cache
 from mteb_steer.encoding import BACKENDS, DTYPES
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -346,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(include_submit=command not in {"evaluate", "generate", "train-adapter"}).parse_args(argv)
     if "no_embedding_cache" in args:  # on by default: a killed run must not lose the vectors it encoded
         args.embedding_cache = None if args.no_embedding_cache else args.embedding_cache or default_embedding_cache()
+        if args.no_embedding_cache:  # the encoder falls back to the variable: off must mean off
+            os.environ.pop(CACHE_ENV, None)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from mteb_steer.steering.generation import IncompleteGeneration

@@ -229,3 +229,27 @@ def test_kill_9_during_corpus_encoding_then_the_rerun_encodes_only_the_rest(enco
     assert calls == [2]
     _counting_encoder(encoder, tmp_path / "uninterrupted", monkeypatch)
     np.testing.assert_array_equal(resumed, encoder.embed(passages, None))
+
+
+# -- the CLI: on by default, off with --no-embedding-cache, never filed --------------------------
+def test_cli_keeps_vectors_in_the_default_cache_and_never_files_its_folder(data_root, tmp_path, monkeypatch):
+    import json
+
+    from mteb_steer.beir import write_beir_slice
+    from mteb_steer.cli import main
+    from mteb_steer.embedding_cache import CACHE_ENV
+
+    task = write_beir_slice(data_root / "scifact", tmp_path / "tiny", "test", 2, 10)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "off"))
+    assert main(["evaluate", "-t", str(task), "--output-folder", str(tmp_path / "o1"), "--no-embedding-cache"]) == 0
+    assert not (tmp_path / "off").exists()  # nothing read or written
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = tmp_path / "home" / ".cache" / "mteb_steer" / "embeddings"
+    assert main(["evaluate", "-t", str(task), "--output-folder", str(tmp_path / "o2"), "--lexical", "bm25"]) == 0
+    assert len(list(default.glob("*.npy"))) == 2  # corpus and queries: no flag and no variable needed
+    [config] = (tmp_path / "o2").rglob("steer_config.json")
+    [meta] = (tmp_path / "o2").rglob("model_meta.json")
+    for filed in (config, meta):
+        assert "embedding_cache" not in filed.read_text() and str(default) not in filed.read_text()
+    assert json.loads(config.read_text())["config"]["lexical"] == "bm25"  # the configuration itself is filed
