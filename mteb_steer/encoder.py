@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Texts per model call while streaming a corpus into the cache, and the unit a killed run resumes
-# from: about a minute of CPU work for all-MiniLM-L6-v2 (a second on a GPU), so a kill costs at most
-# that. Blocks change which texts share a padded batch, hence the vectors at float rounding level
-# (tests/test_encoding.py bounds it; SciFact's nDCG@10 is unchanged, BENCHMARKS.md issue 15 section).
+# from: about 50 s of all-MiniLM-L6-v2 on two idle CPU cores for SciFact passages (1,000 took 51 s,
+# results/benchmark/costs.json), so a kill costs at most that. Blocks change which texts share a
+# padded batch, hence the vectors at float rounding level (tests/test_encoding.py bounds it; SciFact:
+# max 1.6e-7, every metric unchanged, see results/benchmark/encode_blocks_scifact.txt).
 ENCODE_CHUNK = 1024
 
 

@@ -168,7 +168,7 @@ def kill_during_corpus_encoding(work: Path) -> Record:
     task = tiny_task(work, n_docs=ENCODE_CHUNK + 100)
     passages = sum(1 for _ in gzip.open(task / "corpus.jsonl.gz", "rt"))
     args = ["evaluate", "-t", str(task), "--output-folder", str(work / "out"), "--batch-size", "32"]
-    killed = cli_killed_when(work, args, lambda err: any(encoded_rows(err)))
+    killed = cli_killed_when(work, args, lambda err: any(encoded_rows(err)), timeout=3600)  # a block: minutes on a busy CPU
     if killed.exit_code is not None:
         return record("kill -9 during corpus encoding, then rerun", killed,
                       lost="kill came too late: run finished before a block was committed")
