@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mteb_steer.embedding_cache import STORAGE_DTYPES
+from mteb_steer.embedding_cache import CACHE_ENV, STORAGE_DTYPES, default_embedding_cache
 from mteb_steer.encoding import BACKENDS, DTYPES
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,8 +65,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: bundled sentence-transformers/all-MiniLM-L6-v2)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     parser.add_argument("--batch-size", type=_POSITIVE_INT, default=32)
-    parser.add_argument("--embedding-cache", default=os.environ.get("MTEB_STEER_EMBEDDING_CACHE"),
-                        help="folder to reuse base embeddings across configurations")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--embedding-cache", default=None, metavar="DIR",
+                       help="folder keeping base embeddings block by block, so other configurations reuse them and "
+                            "a killed run's rerun continues where it stopped (default $MTEB_STEER_EMBEDDING_CACHE, "
+                            "else ~/.cache/mteb_steer/embeddings); never part of a model's identity or results")
+    cache.add_argument("--no-embedding-cache", action="store_true",
+                       help="encode without reading or writing the embedding cache")
     parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
                         help="inference backend: torch, or onnx / openvino on a CPU (exported once, offline); "
                              "anything but torch float32 is filed as its own model")
@@ -358,6 +363,8 @@ def _encode(args: argparse.Namespace) -> int:
     from mteb_steer.identity import encoding_meta
     from mteb_steer.tasks import resolve_task
 
+    if args.no_embedding_cache:
+        raise ValueError("encode only fills the embedding cache: --no-embedding-cache leaves it nothing to do")
     cache_dir = args.embedding_cache or default_embedding_cache()
     check_writable(cache_dir, "--embedding-cache")
     encoding = Encoding(args.backend, args.dtype, args.embedding_storage)
@@ -437,6 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     local_commands = {"evaluate", "generate", "encode", "train-adapter"}
     args = build_parser(include_submit=command not in local_commands).parse_args(argv)
+    if "no_embedding_cache" in args:  # on by default: a killed run must not lose the vectors it encoded
+        args.embedding_cache = None if args.no_embedding_cache else args.embedding_cache or default_embedding_cache()
+        if args.no_embedding_cache:  # the encoder falls back to the variable: off must mean off
+            os.environ.pop(CACHE_ENV, None)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from mteb_steer.steering.generation import IncompleteGeneration

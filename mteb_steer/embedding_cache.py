@@ -5,15 +5,21 @@ Key: model name + revision (which name the encoding backend and dtype too, see
 included). Files are plain `.npy` arrays, read back memory-mapped (copy-on-write: the file is
 never changed), so a corpus larger than RAM can be searched block by block.
 
-Writes go row block by row block into a temporary `.npy` (itself memory-mapped, so no second
-full copy is held in RAM) that is renamed onto the final name only once complete: a killed run
-leaves at most a `*.tmp.npy` that is never read. A final file that does not hold the expected
-shape (truncated by other means) is treated as a miss and removed.
+Writes go row block by row block into `<key>.partial.npy` (memory-mapped, so no second full
+copy is held in RAM) and are published by one rename onto the final name only once complete, so
+a partial file is never read as an entry. After each block the writer flushes its rows, then
+records how many rows are done in `<key>.partial.json` (an atomic write): a run killed mid-corpus
+leaves both behind, and a rerun with the same key continues from the first unfinished block
+instead of encoding the corpus again. One writer per key holds `<key>.lock` (an advisory `flock`,
+released by the kernel when its process dies, even by `kill -9`); a second concurrent writer
+writes a private `<key>.<pid>.tmp.npy` instead, so neither corrupts the other. A final file that
+does not hold the expected shape (truncated by other means) is treated as a miss and removed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -21,6 +27,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from mteb_steer.files import write_atomic
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): every writer takes a private file, nothing resumes
+    fcntl = None  # type: ignore[assignment]
 
 CACHE_ENV = "MTEB_STEER_EMBEDDING_CACHE"
 STORAGE_DTYPES = ("float32", "float16")
@@ -94,29 +107,122 @@ class EmbeddingCache:
         return array
 
     @contextmanager
-    def writer(self, key: str, rows: int, dim: int, storage: str = "float32") -> Iterator[np.ndarray]:
-        """Yield a writable memory-mapped (rows, dim) array of dtype `storage`; publish it on success.
+    def writer(self, key: str, rows: int, dim: int, storage: str = "float32") -> Iterator[PartialEntry]:
+        """Yield a `PartialEntry` over a writable memory-mapped (rows, dim) array of dtype `storage`.
 
-        Fill it block by block; when the `with` body ends without an exception the file is flushed
-        and atomically renamed to its final name. On an exception (or a kill) the temporary file is
-        removed or left as `*.tmp.npy`, never read back.
+        Fill rows from `entry.done` on, block by block, calling `entry.commit(end)` after each block;
+        when the `with` body ends without an exception the file is flushed and atomically renamed
+        to its final name. On an exception (or a kill) the committed rows stay in the partial file
+        for the next writer of this key; nothing is ever read back from it as an entry.
         """
-        tmp = self.folder / f"{key}.{os.getpid()}.tmp.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=check_storage_dtype(storage),
-                                        shape=(rows, dim))
-        try:
-            yield out
-            out.flush()
-            del out
-            with tmp.open("rb+") as fh:
-                os.fsync(fh.fileno())
-            tmp.replace(self._path(key))
-        finally:
-            tmp.unlink(missing_ok=True)
+        check_storage_dtype(storage)
+        with _claimed(self.folder / f"{key}.lock") as owner:
+            if owner:
+                entry = PartialEntry(self.folder / f"{key}.partial.npy", self.folder / f"{key}.partial.json",
+                                     rows, dim, storage)
+            else:  # another live writer owns the resumable file: work privately, resume nothing
+                logger.info("embedding cache %s: %s is being written by another process; writing a private copy",
+                            self.folder, key)
+                entry = PartialEntry(self.folder / f"{key}.{os.getpid()}.tmp.npy", None, rows, dim, storage)
+            try:
+                yield entry
+                entry.publish(self._path(key))
+            finally:
+                entry.close()
 
     def put(self, key: str, embeddings: np.ndarray, storage: str = "float32", block_rows: int = 65_536) -> None:
         """Store a whole array, converted to `storage` block by block (use the key made with the same storage)."""
         embeddings = np.asarray(embeddings)
-        with self.writer(key, embeddings.shape[0], embeddings.shape[1], storage) as out:
-            for start in range(0, embeddings.shape[0], block_rows):
-                out[start:start + block_rows] = embeddings[start:start + block_rows]
+        rows = embeddings.shape[0]
+        with self.writer(key, rows, embeddings.shape[1], storage) as entry:
+            for start in range(entry.done, rows, block_rows):
+                end = min(start + block_rows, rows)
+                entry.array[start:end] = embeddings[start:end]
+                entry.commit(end)
+
+
+class PartialEntry:
+    """A cache entry being written: `array` (memory-mapped, rows x dim) and `done`, the rows that an
+    earlier, interrupted writer of the same key already committed (0 for a fresh or private file).
+
+    `progress` is the record of committed rows (None: a private file that is never resumed). It is
+    trusted only when it names this exact shape and dtype and the file maps with them; otherwise
+    the file starts afresh, so a stale or foreign partial file can cost work but never give wrong rows.
+    """
+
+    def __init__(self, path: Path, progress: Path | None, rows: int, dim: int, storage: str) -> None:
+        self.path, self.progress = path, progress
+        self._shape = {"rows": rows, "dim": dim, "dtype": storage}
+        self.done = 0
+        self.array = self._resume() if progress is not None else None
+        if self.array is None:
+            if progress is not None:  # a record left for another shape must not vouch for this new file
+                progress.unlink(missing_ok=True)
+            self.array = np.lib.format.open_memmap(path, mode="w+", dtype=storage, shape=(rows, dim))
+        elif self.done:
+            logger.info("embedding cache: resuming %s at row %d of %d (an interrupted run's blocks are kept)",
+                        path.name, self.done, rows)
+
+    def _resume(self) -> np.ndarray | None:
+        try:
+            record = json.loads(self.progress.read_text())
+            done = int(record.pop("done"))
+            if record != self._shape or not 0 <= done <= self._shape["rows"]:
+                return None
+            array = np.lib.format.open_memmap(self.path, mode="r+")
+        except (OSError, ValueError, KeyError, TypeError, EOFError):  # absent, torn or foreign: start afresh
+            return None
+        if array.shape != (self._shape["rows"], self._shape["dim"]) or array.dtype != self._shape["dtype"]:
+            return None
+        self.done = done
+        return array
+
+    def commit(self, done: int) -> None:
+        """Rows [0, done) are written: flush them to the file, then (only then) record the count."""
+        self.array.flush()
+        if self.progress is not None:
+            write_atomic(self.progress, json.dumps({**self._shape, "done": done}))
+
+    def publish(self, target: Path) -> None:
+        """Make the complete file the entry: flush, fsync, rename; the progress record goes with it."""
+        self.array.flush()
+        self.array = None  # unmap before the rename
+        with self.path.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        self.path.replace(target)
+        if self.progress is not None:
+            self.progress.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Unmap; a private file, or one with nothing committed, is removed (nothing to resume)."""
+        self.array = None
+        committed = self.progress is not None and self.progress.exists()
+        if not committed:
+            self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _claimed(path: Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking `flock` on `path` (created if absent); yields False when another
+    live process holds it (or flock is unavailable).
+
+    The kernel drops the lock when its holder dies, so a killed writer never blocks its rerun. The
+    holder unlinks the file before closing it; a process that locked that unlinked file meanwhile
+    sees another inode at `path` and backs off, so two processes never both own the key.
+    """
+    fd = None
+    if fcntl is not None:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(path)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            fd = None
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)
+            os.close(fd)

@@ -30,9 +30,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Texts per model call while streaming a corpus into the cache: one block holds ~50 MB of
-# 384-dim vectors. SciFact and ArguAna fit in one block, so their vectors equal one-call encoding.
-ENCODE_CHUNK = 32_768
+# Texts per model call while streaming a corpus into the cache, and the unit a killed run resumes
+# from: about 50 s of all-MiniLM-L6-v2 on two idle CPU cores for SciFact passages (1,000 took 51 s,
+# results/benchmark/costs.json), so a kill costs at most that. Blocks change which texts share a
+# padded batch, hence the vectors at float rounding level (tests/test_encoding.py bounds it; SciFact:
+# max 1.6e-7, every metric unchanged, see results/benchmark/encode_blocks_scifact.txt).
+ENCODE_CHUNK = 1024
 
 
 def passage_text(title: str | None, text: str | None) -> str:
@@ -135,34 +138,39 @@ class SteerEncoder(AbsEncoder):
 
     def _encode(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: bool, storage: str,
                 key: str | None) -> np.ndarray:
-        """Run the model; with a cache `key`, stream blocks of `ENCODE_CHUNK` texts into the cache file."""
-        if not texts:
-            return np.zeros((0, self.model.get_sentence_embedding_dimension()), dtype=np.float32)
-        encode = self.model.encode_query if kind == "query" else self.model.encode_document
-        starts = range(0, len(texts), ENCODE_CHUNK)
-        inner_bar = show_progress_bar and len(starts) == 1
+        """Run the model; with a cache `key`, stream blocks of `ENCODE_CHUNK` texts into the cache file.
 
-        def block(start: int) -> np.ndarray:
+        Each block is committed to the cache as soon as it is encoded, so after a kill the rerun
+        encodes only the blocks the killed run had not finished (the bar starts where it resumes).
+        """
+        if not texts:
+            return np.zeros((0, self.dimension()), dtype=np.float32)
+        encode = self.model.encode_query if kind == "query" else self.model.encode_document
+
+        def block(start: int) -> np.ndarray:  # the model's own bar counts its batches within the block
             return np.asarray(encode(texts[start:start + ENCODE_CHUNK], batch_size=batch_size, convert_to_numpy=True,
-                                     show_progress_bar=inner_bar), dtype=np.float32)
+                                     show_progress_bar=show_progress_bar), dtype=np.float32)
 
         if key is None or self.cache is None:
-            parts = [block(s).astype(storage, copy=False) for s in starts]
+            parts = [block(s).astype(storage, copy=False) for s in range(0, len(texts), ENCODE_CHUNK)]
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
-        first = block(0)  # its width sizes the file
-        with self.cache.writer(key, len(texts), first.shape[1], storage) as out, \
-                tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text",
-                     disable=not show_progress_bar or inner_bar) as bar:
-            out[:len(first)] = first
-            bar.update(len(first))
-            del first
-            for start in starts[1:]:
-                out[start:start + ENCODE_CHUNK] = block(start)
-                bar.update(min(ENCODE_CHUNK, len(texts) - start))
+        with self.cache.writer(key, len(texts), self.dimension(), storage) as entry, \
+                tqdm(total=len(texts), initial=entry.done, desc=f"encoding {kind}s", unit="text",
+                     disable=not show_progress_bar or len(texts) <= ENCODE_CHUNK) as bar:
+            for start in range(entry.done, len(texts), ENCODE_CHUNK):
+                end = min(start + ENCODE_CHUNK, len(texts))
+                entry.array[start:end] = block(start)
+                entry.commit(end)
+                bar.update(end - start)
         stored = self.cache.get(key, rows=len(texts))
         if stored is None:
             raise RuntimeError(f"embedding cache {self.cache.folder}: {key}.npy vanished right after writing")
         return stored
+
+    def dimension(self) -> int:
+        """The vector width (sentence-transformers 6 renamed the method; 5.x has only the old name)."""
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return getter()
 
     # -- mteb 2.x EncoderProtocol --------------------------------------------------------------
     def encode(

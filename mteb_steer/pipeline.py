@@ -32,8 +32,8 @@ class SteerConfig:
     the CLI, benchmark.py, the scripts and mteb's loaders reject a bad value with the same
     message before any data or weights load. A new plain field needs no code beyond its
     declaration (and a check in `validate` if it has a range): `to_json`/`from_json` carry
-    every field, and that JSON (in `steer_config.json` and the ModelMeta's `loader_kwargs`) is
-    what `mteb.get_model` rebuilds the model from.
+    every field but the local `embedding_cache` folder, and that JSON (in `steer_config.json` and
+    the ModelMeta's `loader_kwargs`) is what `mteb.get_model` rebuilds the model from.
     """
 
     model: str | None = None
@@ -135,8 +135,12 @@ class SteerConfig:
         return cls(**options)
 
     def to_json(self) -> dict[str, Any]:
-        """Every field, JSON-able; `from_json` of it gives an equal config."""
-        return asdict(self)
+        """Every field but `embedding_cache`, JSON-able; `from_json` of it gives an equal config (cache aside).
+
+        The embedding cache is where this machine keeps base vectors: it changes no number, and a
+        result file naming it would send another machine's `mteb.get_model` to a folder of ours.
+        """
+        return {name: value for name, value in asdict(self).items() if name != "embedding_cache"}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SteerConfig:

@@ -6,9 +6,10 @@ by one process. Here the corpus is cut into shards, each shard is encoded by one
 shard into the ordinary embedding cache as it arrives (`EmbeddingCache.writer`, memory-mapped,
 published only when complete). The cache key is the one a local `SteerEncoder` computes for the
 same texts, so a corpus encoded on a cluster is read back by a local evaluation without encoding.
-Only the driver writes, so cluster nodes need no shared file system. A driver killed mid-way
-leaves only a temporary file that is never read: the corpus is encoded again (a cache entry is
-all or nothing); an actor that dies has its shard retried by Ray on a restarted actor.
+Only the driver writes, so cluster nodes need no shared file system. Shards finish in any order;
+the driver commits the longest finished prefix to the cache's progress record, so a driver killed
+mid-way is resumed by the next run from that prefix (the resumable writer of `embedding_cache`);
+an actor that dies has its shard retried by Ray on a restarted actor.
 
 `ray` is an optional extra (`pip install -e ".[ray]"`); this module imports it only when called.
 """
@@ -70,6 +71,9 @@ class ShardEncoder:
             torch.set_num_threads(threads)
         self.encoder = SteerEncoder(**options, cache_dir=None)
 
+    def dimension(self) -> int:
+        return self.encoder.dimension()
+
     def encode(self, start: int, texts: list[str], batch_size: int) -> tuple[int, np.ndarray]:
         from mteb.types import PromptType
 
@@ -98,22 +102,23 @@ def encode_on_ray(texts: list[str], options: dict[str, Any], cache: EmbeddingCac
     count = actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_actor)
     remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus_per_actor,
                         max_restarts=2, max_task_retries=2)(ShardEncoder)
-    pool = ActorPool([remote.remote(options, None if gpus else cpus_per_actor) for _ in range(count)])
-    starts = range(0, len(texts), shard_rows)
-    # the pool submits lazily: a shard's texts are sliced and shipped only when an actor is free
-    results = pool.map_unordered(lambda actor, s: actor.encode.remote(s, texts[s:s + shard_rows], batch_size),
-                                 starts)
-    start, block = next(results)
-    with cache.writer(key, len(texts), block.shape[1], storage) as out, \
-            tqdm(total=len(texts), desc=f"encoding on Ray ({count} actor(s))", unit="text",
+    workers = [remote.remote(options, None if gpus else cpus_per_actor) for _ in range(count)]
+    pool = ActorPool(workers)
+    with cache.writer(key, len(texts), ray.get(workers[0].dimension.remote()), storage) as entry, \
+            tqdm(total=len(texts), initial=entry.done, desc=f"encoding on Ray ({count} actor(s))", unit="text",
                  disable=not show_progress) as bar:
-        while True:
-            out[start:start + len(block)] = block
+        # the pool submits lazily: a shard's texts are sliced and shipped only when an actor is free
+        results = pool.map_unordered(lambda actor, s: actor.encode.remote(s, texts[s:s + shard_rows], batch_size),
+                                     range(entry.done, len(texts), shard_rows))
+        finished: dict[int, int] = {}  # shard start -> end, for shards beyond the committed prefix
+        prefix = entry.done
+        for start, block in results:
+            entry.array[start:start + len(block)] = block
+            finished[start] = start + len(block)
+            while prefix in finished:
+                prefix = finished.pop(prefix)
+            entry.commit(prefix)
             bar.update(len(block))
-            try:
-                start, block = next(results)
-            except StopIteration:
-                break
     stored = cache.get(key, rows=len(texts))
     if stored is None:
         raise RuntimeError(f"embedding cache {cache.folder}: {key}.npy vanished right after writing")

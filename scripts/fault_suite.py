@@ -122,9 +122,9 @@ def warning_line(run: Run, needle: str) -> str:
 
 
 def cache_files(work: Path) -> set[str]:
-    """Finished entries of the base-embedding cache (one per encoded text set)."""
+    """Finished entries of the base-embedding cache (`<key>.npy`; not the partial, progress or lock files)."""
     folder = work / "embeddings"
-    return {p.name for p in folder.rglob("*") if p.is_file() and ".tmp" not in p.name} if folder.is_dir() else set()
+    return {p.name for p in folder.glob("*.npy") if "." not in p.stem} if folder.is_dir() else set()
 
 
 def result_files(folder: Path) -> list[Path]:
@@ -149,27 +149,42 @@ def record(scenario: str, run: Run | None, *, user_sees: str | None = None, requ
 
 
 # -- process faults --------------------------------------------------------------------------------
-_BATCH_DONE = re.compile(r"Batches:\s+\d+%.*?\|\s*([1-9]\d*)/")
+_ENCODED = re.compile(r"encoding documents:.*?\|\s*(\d+)/(\d+)")
+
+
+def encoded_rows(stderr: str) -> list[int]:
+    """The corpus progress bar's counts, in order (the first is where the run started or resumed)."""
+    return [int(m.group(1)) for m in _ENCODED.finditer(stderr.replace("\r", "\n"))]
 
 
 def kill_during_corpus_encoding(work: Path) -> Record:
-    """kill -9 once the corpus encoding has finished a batch; rerun; rerun again."""
-    task = tiny_task(work, n_docs=150)
+    """kill -9 once the first block of the corpus is in the embedding cache; rerun; rerun again.
+
+    The corpus is a little larger than one encoding block, so the killed run has committed one block
+    and the rerun should encode only the rest: what it repeats is read off its bar's starting point.
+    """
+    from mteb_steer.encoder import ENCODE_CHUNK
+
+    task = tiny_task(work, n_docs=ENCODE_CHUNK + 100)
     passages = sum(1 for _ in gzip.open(task / "corpus.jsonl.gz", "rt"))
-    args = ["evaluate", "-t", str(task), "--output-folder", str(work / "out"), "--batch-size", "8"]
-    killed = cli_killed_when(work, args, lambda err: bool(_BATCH_DONE.search(err)))
-    before = cache_files(work)
+    args = ["evaluate", "-t", str(task), "--output-folder", str(work / "out"), "--batch-size", "32"]
+    killed = cli_killed_when(work, args, lambda err: any(encoded_rows(err)), timeout=3600)  # a block: minutes on a busy CPU
+    if killed.exit_code is not None:
+        return record("kill -9 during corpus encoding, then rerun", killed,
+                      lost="kill came too late: run finished before a block was committed")
+    committed = max(encoded_rows(killed.stderr))
     rerun = cli(work, *args)
-    encoded = cache_files(work) - before
+    resumed_at = (encoded_rows(rerun.stderr) or [0])[0]
     third = cli(work, *args)
     files = result_files(work / "out" / "results")
     return record(
         "kill -9 during corpus encoding, then rerun", rerun,
-        user_sees=f"killed run: no output kept; rerun: exit {rerun.exit_code}, {len(encoded)} text sets encoded "
-                  f"({rerun.seconds:.0f} s); third run: 'cached' in {third.seconds:.0f} s",
-        lost=(f"the interrupted corpus pass ({passages} passages) is encoded again from the start; results: none "
-              f"lost ({len(unreadable(files))} unreadable result files)"
-              if killed.exit_code is None else "kill came too late: run finished before encoding was seen"))
+        user_sees=f"killed run: {committed} of {passages} passages committed to the embedding cache; rerun: exit "
+                  f"{rerun.exit_code}, its bar starts at {resumed_at}/{passages} and encodes {passages - resumed_at} "
+                  f"passages ({rerun.seconds:.0f} s); third run: 'cached' in {third.seconds:.0f} s",
+        lost=f"passages encoded again after the kill: {committed - resumed_at} committed ones, plus the block in "
+             f"flight at the kill (at most {ENCODE_CHUNK}); results: none lost "
+             f"({len(unreadable(files))} unreadable result files)")
 
 
 def kill_during_adapter_training(work: Path) -> Record:

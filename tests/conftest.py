@@ -20,6 +20,16 @@ def _data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "datasets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def default_embedding_cache(tmp_path_factory):
+    """The CLI keeps base vectors in the default embedding cache: in tests, a session folder, never ~/.cache."""
+    from mteb_steer.embedding_cache import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, os.environ.get(CACHE_ENV) or str(tmp_path_factory.mktemp("default-embcache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = _data_root()

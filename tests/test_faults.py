@@ -102,6 +102,7 @@ def test_kill_during_corpus_encoding_then_rerun(tmp_path, data_root):
     record = fault_suite.kill_during_corpus_encoding(tmp_path)
     assert record["exit_code"] == 0, record
     assert "kill came too late" not in record["lost"], record
+    assert record["lost"].startswith("passages encoded again after the kill: 0 committed ones"), record  # resumed
     assert "0 unreadable result files" in record["lost"], record
 
 

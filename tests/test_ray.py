@@ -4,7 +4,7 @@ The generation tests start two SmolLM2-135M servers, each behind a counting prox
 counted on the server side), run the Ray pipeline over them, kill one server mid-run, and check
 that every passage is covered, that the bank equals the single-process bank, and that a rerun
 sends nothing. The encoding test checks that a corpus encoded by Ray actors lands in the
-embedding cache under the in-process key with the in-process vectors.
+embedding cache under the in-process key with the in-process vectors, resuming an interrupted entry.
 """
 
 from __future__ import annotations
@@ -160,13 +160,20 @@ def test_ray_encoding_writes_the_in_process_cache_entry(local_ray, encoder, scif
     texts = corpus_texts(load_beir_split(scifact_slice, "test").corpus)[:300]
     key = SteerEncoder.cache_key(encoder.base_meta, "document", texts)
     cache = EmbeddingCache(tmp_path / "emb")
-    on_ray = encode_on_ray(texts, {"device": "cpu"}, cache, key, "float32", actors=2, shard_rows=128,
+    # an earlier driver was killed after committing its first shard: rows [0, 128) hold a sentinel (zeros)
+    # that only survives if the Ray run resumes from the progress record instead of re-encoding them
+    with pytest.raises(KeyboardInterrupt), cache.writer(key, len(texts), 384, "float32") as entry:
+        entry.array[:128] = 0.0
+        entry.commit(128)
+        raise KeyboardInterrupt
+    on_ray = encode_on_ray(texts, {"device": "cpu"}, cache, key, "float32", actors=2, shard_rows=64,
                            show_progress=False)
     assert (tmp_path / "emb" / f"{key}.npy").is_file() and on_ray.shape == (len(texts), 384)
     local = SteerEncoder(device="cpu", cache_dir=tmp_path / "emb", backbone=encoder.backbone)
     assert local.cache.get(key, rows=len(texts)) is not None  # the local encoder finds Ray's entry
     reference = encoder.embed(texts, PromptType.document)
-    np.testing.assert_allclose(np.asarray(on_ray), reference, atol=1e-5)
+    assert not np.asarray(on_ray[:128]).any()  # resumed: the committed rows were not encoded again
+    np.testing.assert_allclose(np.asarray(on_ray[128:]), reference[128:], atol=1e-5)
 
 
 def _descendant_servers() -> list[int]:
