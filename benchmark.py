@@ -870,7 +870,11 @@ def main(argv: list[str] | None = None) -> int:
                 if record is not None:
                     timings[f"{model} / {task}"] = record
     target = Path(args.benchmarks_md) if args.benchmarks_md else bench.out / "BENCHMARKS.md"
-    write_section(target, report(bench, outcomes, timings, comparators, started, args.quick))
+    if args.only and not args.benchmarks_md:  # a partial report would drop every other cell and the timings
+        print(f"benchmark: --only run: {target}'s generated section left as it was (its rows come from "
+              f"results/benchmark/cells.json; pass --benchmarks-md FILE to write this run's partial report)")
+    else:
+        write_section(target, report(bench, outcomes, timings, comparators, started, args.quick))
     errors = [o for o in outcomes if o.status == "error"]
     print(f"benchmark: {len(outcomes)} cells ({sum(o.status == 'ran' for o in outcomes)} ran, "
           f"{sum(o.status == 'cached' for o in outcomes)} read back, {sum(o.status == 'skip' for o in outcomes)} "

@@ -149,6 +149,12 @@ def test_one_real_cell_end_to_end_then_read_back(tmp_path, scifact_slice, encode
     assert benchmark.main([*argv, "--only", "minilm/plain/SciFact"]) == 0
     assert (tmp_path / "results/benchmark/costs.json").read_text() == costs  # read back, not re-measured
     assert f"| minilm | plain | none | {ndcg:.4f} |" in md.read_text()
+    # an --only run into the default BENCHMARKS.md (<output-folder>/BENCHMARKS.md) must not replace the
+    # full report with its partial one
+    md.write_text(md.read_text() + "owner outro\n")
+    before = md.read_text()
+    assert benchmark.main([*argv[:-2], "--only", "minilm/plain/SciFact"]) == 0
+    assert md.read_text() == before
 
 
 def test_embedding_cache_default_is_one_rule(monkeypatch, tmp_path):
