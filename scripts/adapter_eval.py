@@ -149,8 +149,8 @@ def main() -> int:
                                 "plain", args.output_folder)
     report["runs"] = {"plain": {"ndcg_at_10": base_score, **base}, **report["runs"]}
     print(f"plain: nDCG@10 {base_score:.4f}", file=sys.stderr)
-    for label, folder in adapters.items():
-        model = build_model(SteerConfig(adapter=str(folder), device="cpu", embedding_cache=str(CACHE)))
+    for label, adapter_dir in adapters.items():
+        model = build_model(SteerConfig(adapter=str(adapter_dir), device="cpu", embedding_cache=str(CACHE)))
         score, detail = evaluate(model, task_name, root, args.out, label, args.output_folder)
         run = report["runs"][label]
         run.update({"ndcg_at_10": score, **detail, "model": model.mteb_model_meta.name,
