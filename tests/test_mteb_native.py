@@ -198,8 +198,15 @@ def test_mteb_cli_resolves_task_names_like_evaluate(data_root, monkeypatch):
 
 
 def test_results_filed_without_a_configuration_are_listed_with_the_fix(tmp_path):
-    name = "mteb-steer__all-MiniLM-L6-v2-bm25-zscore0.2"  # a committed folder filed before configurations
-    shutil.copytree(REPO / "results" / name / "7d6b51b1c067", tmp_path / "results" / name / "7d6b51b1c067")
+    name = "mteb-steer__all-MiniLM-L6-v2-bm25-zscore0.2"  # a committed folder, made to look filed before configurations
+    folder = tmp_path / "results" / name / "7d6b51b1c067"
+    shutil.copytree(REPO / "results" / name / "7d6b51b1c067", folder)
+    meta = json.loads((folder / "model_meta.json").read_text())
+    meta["loader_kwargs"] = {}
+    (folder / "model_meta.json").write_text(json.dumps(meta))
+    steer = json.loads((folder / "steer_config.json").read_text())
+    steer.pop("config", None)
+    (folder / "steer_config.json").write_text(json.dumps(steer))
     report = mteb_steer.register_results(tmp_path)
     assert report.registered == []
     assert "re-run it with `mteb-steer evaluate`" in report.skipped[str(tmp_path / "results" / name / "7d6b51b1c067")]
