@@ -210,6 +210,7 @@ def main() -> int:
         run["per_query_mean"] = float(np.mean(list(run["per_query"].values())))
         assert abs(run["per_query_mean"] - run["ndcg_at_10"]) < 1e-4, (label, run["per_query_mean"], run["ndcg_at_10"])
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     return 0
 
