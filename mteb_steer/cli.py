@@ -357,7 +357,7 @@ def _encode(args: argparse.Namespace) -> int:
     from mteb.types import PromptType
 
     from mteb_steer.backbone import check_encoding, resolve_backbone
-    from mteb_steer.embedding_cache import EmbeddingCache, default_embedding_cache
+    from mteb_steer.embedding_cache import EmbeddingCache
     from mteb_steer.encoder import SteerEncoder, dataset_passage_texts
     from mteb_steer.encoding import Encoding
     from mteb_steer.identity import encoding_meta
@@ -365,7 +365,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     if args.no_embedding_cache:
         raise ValueError("encode only fills the embedding cache: --no-embedding-cache leaves it nothing to do")
-    cache_dir = args.embedding_cache or default_embedding_cache()
+    cache_dir = args.embedding_cache  # main() resolved the default
     check_writable(cache_dir, "--embedding-cache")
     encoding = Encoding(args.backend, args.dtype, args.embedding_storage)
     check_encoding(args.device, encoding)

@@ -106,6 +106,13 @@ class EmbeddingCache:
             return None
         return array
 
+    def written(self, key: str, rows: int) -> np.ndarray:
+        """The entry a `writer` block just published (memory-mapped); an error if it is not there."""
+        stored = self.get(key, rows=rows)
+        if stored is None:
+            raise RuntimeError(f"embedding cache {self.folder}: {key}.npy vanished right after writing")
+        return stored
+
     @contextmanager
     def writer(self, key: str, rows: int, dim: int, storage: str = "float32") -> Iterator[PartialEntry]:
         """Yield a `PartialEntry` over a writable memory-mapped (rows, dim) array of dtype `storage`.

@@ -162,10 +162,7 @@ class SteerEncoder(AbsEncoder):
                 entry.array[start:end] = block(start)
                 entry.commit(end)
                 bar.update(end - start)
-        stored = self.cache.get(key, rows=len(texts))
-        if stored is None:
-            raise RuntimeError(f"embedding cache {self.cache.folder}: {key}.npy vanished right after writing")
-        return stored
+        return self.cache.written(key, len(texts))
 
     def dimension(self) -> int:
         """The vector width (sentence-transformers 6 renamed the method; 5.x has only the old name)."""

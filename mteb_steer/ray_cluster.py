@@ -119,9 +119,7 @@ def encode_on_ray(texts: list[str], options: dict[str, Any], cache: EmbeddingCac
                 prefix = finished.pop(prefix)
             entry.commit(prefix)
             bar.update(len(block))
-    stored = cache.get(key, rows=len(texts))
-    if stored is None:
-        raise RuntimeError(f"embedding cache {cache.folder}: {key}.npy vanished right after writing")
+    stored = cache.written(key, len(texts))
     logger.info("encoded %d texts on %d Ray actor(s) into %s", len(texts), count, cache.folder / f"{key}.npy")
     return stored
 
