@@ -45,7 +45,7 @@ from mteb_steer.steering.self_tune import (  # noqa: E402
     bank_probes,
     bm25_grid,
     cut_sentence_probes,
-    grid_tokens,
+    grid_counts,
     split_bank,
     tune_bm25,
     tune_weight,
@@ -134,9 +134,9 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
         return float(np.mean(values))
 
     real_bm25 = []
-    tokens = grid_tokens(texts, ids, bank, grid)
+    counts = grid_counts(texts, ids, bank, grid)
     for params in grid:
-        real_index = LexicalIndex.build(ids, texts, params, bank, tokens=tokens)
+        real_index = LexicalIndex.build(ids, texts, params, bank, counts=counts)
         real_bm25.append(mean_over_splits(lambda q, _v, ix=real_index: torch.from_numpy(bm25_chunk(ix, q))))
     ref = bm25_choice.grid.index(bm25_choice.reference)
     out["bm25"] = {**bm25_choice.__dict__, "real_ndcg10": real_bm25,

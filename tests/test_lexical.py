@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import bm25s
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,7 @@ from mteb_steer.encoder import passage_text
 from mteb_steer.identity import steered_meta
 from mteb_steer.search import SteerSearch
 from mteb_steer.steering.banks import load_bank
+from mteb_steer.steering import lexical
 from mteb_steer.steering.lexical import (
     BM25_METHODS,
     DEFAULTS_CHOSEN_ON,
@@ -28,6 +30,7 @@ from mteb_steer.steering.lexical import (
     LexicalHybrid,
     LexicalIndex,
     LexicalWarning,
+    count_terms,
     identical_id_mask,
     lexical_scores,
     tokenize,
@@ -104,6 +107,53 @@ def test_bm25_matches_loop_reference(scifact_rows, method, k1, b):
     expected = ref_bm25(tokenize(docs, params), tokenize(queries, params), method, k1, b, params.delta)
     assert (expected > 0).sum() > 100  # real matches, not an all-zero comparison
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", BM25_METHODS)
+def test_chunked_build_stores_exactly_what_bm25s_index_stores(scifact_rows, arguana_rows, monkeypatch, method):
+    """The flat-array builder (tokenising a few passages at a time) writes bm25s's own arrays, bit for bit."""
+    monkeypatch.setattr(lexical, "TOKENIZE_CHUNK", 37)  # many chunks, a passage's terms first seen mid-corpus
+    ids = scifact_rows[0] + arguana_rows[0]
+    texts = scifact_rows[1] + arguana_rows[1] + [""]
+    ids = [*ids, "empty"]
+    params = BM25Params(method=method, k1=1.2, b=0.75)
+    with pytest.warns(LexicalWarning, match="1 passage"):
+        ours = LexicalIndex.build(ids, texts, params)
+    tokens = tokenize(texts, params)
+    vocab = {term: i for i, term in enumerate(sorted({t for doc in tokens for t in doc}))}
+    reference = bm25s.BM25(method=method, k1=1.2, b=0.75, delta=params.delta, backend="numpy", csc_backend="scipy")
+    reference.index(([[vocab[t] for t in doc] for doc in tokens], vocab), create_empty_token=False,
+                    show_progress=False)
+    assert ours.vocab == vocab
+    for key in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(ours.retriever.scores[key], reference.scores[key], err_msg=key)
+    assert ours.retriever.scores["data"].dtype == reference.scores["data"].dtype
+    if reference.nonoccurrence_array is None:
+        assert ours.retriever.nonoccurrence_array is None
+    else:
+        np.testing.assert_array_equal(ours.retriever.nonoccurrence_array, reference.nonoccurrence_array)
+    np.testing.assert_array_equal(ours.doc_terms.toarray(), ours.term_docs.T.toarray())
+
+
+def test_term_counts_never_hold_more_than_one_chunk_of_tokens(scifact_rows, monkeypatch):
+    """Tokenisation runs chunk by chunk, so a corpus's token lists never exist all at once."""
+    seen: list[int] = []
+    real = lexical.tokenize
+
+    def recording(texts, params):
+        seen.append(len(texts))
+        return real(texts, params)
+
+    monkeypatch.setattr(lexical, "TOKENIZE_CHUNK", 50)
+    monkeypatch.setattr(lexical, "tokenize", recording)
+    texts = scifact_rows[1]
+    counts = count_terms(texts, BM25Params())
+    assert max(seen) == 50 and sum(seen) == len(texts)
+    whole = tokenize(texts, BM25Params())
+    assert counts.lengths.tolist() == [len(doc) for doc in whole]
+    row = counts.counts[3]
+    assert {term: row[0, i] for term, i in counts.vocab.items() if row[0, i]} == {
+        t: float(whole[3].count(t)) for t in set(whole[3])}
 
 
 def test_scores_equal_bm25s_own_retrieval(scifact_rows):

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from mteb_steer.blocks import TopRows
 from mteb_steer.identity import chunked_hash, stable_hash
 from mteb_steer.steering.banks import QueryBank, bank_fingerprint
+from mteb_steer.steering.bm25_build import TermCounts, bm25_retriever
 
 if TYPE_CHECKING:
     from mteb_steer.steps import CorpusIndex, QueryBatch, Tile, TileFuser
@@ -58,6 +59,7 @@ INDEX_FORMAT = 1
 _META_FILE = "lexical.json"
 _IDS_FILE = "ids.json"
 _PROGRESS_MIN = 10_000  # show progress bars from this many texts on
+TOKENIZE_CHUNK = 100_000  # passages tokenised at once: only this many token lists exist at a time
 
 
 class LexicalWarning(UserWarning):
@@ -98,7 +100,18 @@ def tokenize(texts: Sequence[str], params: BM25Params) -> list[list[str]]:
         return []
     stemmer = Stemmer.Stemmer(params.stemmer) if params.stemmer else None
     return bm25s.tokenize(list(texts), stopwords=params.stopwords, stemmer=stemmer, return_ids=False,
-                          show_progress=len(texts) >= _PROGRESS_MIN)
+                          show_progress=False)
+
+
+def count_terms(texts: Sequence[str], params: BM25Params) -> TermCounts:
+    """Term counts of `texts` (tokenised as `tokenize` does), TOKENIZE_CHUNK passages at a time.
+
+    One TermCounts serves every (k1, b) of a grid that shares stop words and stemmer.
+    """
+    starts = range(0, len(texts), TOKENIZE_CHUNK)
+    chunks = (tokenize(texts[s:s + TOKENIZE_CHUNK], params)
+              for s in tqdm(starts, desc="BM25 tokenise", unit="chunk", disable=len(texts) < _PROGRESS_MIN))
+    return TermCounts.from_chunks(chunks)
 
 
 def expand_with_bank(ids: Sequence[str], texts: Sequence[str], bank: QueryBank) -> tuple[list[str], int]:
@@ -150,7 +163,7 @@ class LexicalIndex:
     """
 
     def __init__(self, retriever: bm25s.BM25, params: BM25Params, ids: list[str], fingerprint: str,
-                 n_expanded: int) -> None:
+                 n_expanded: int, doc_terms: sp.csr_matrix | None = None) -> None:
         self.retriever = retriever
         self.params = params
         self.ids = ids
@@ -165,18 +178,19 @@ class LexicalIndex:
         # bm25s stores a CSC (n_docs x vocab): the same arrays are the CSR of its transpose.
         self.term_docs = sp.csr_matrix((scores["data"], scores["indices"], scores["indptr"]),
                                        shape=(len(self.vocab), self.n_docs))
-        self.doc_terms = self.term_docs.T.tocsr()  # passage-major: a block of passages is a row slice
+        # passage-major: a block of passages is a row slice (the builder hands over its own copy)
+        self.doc_terms = self.term_docs.T.tocsr() if doc_terms is None else doc_terms
         nonocc = retriever.nonoccurrence_array
         self.nonoccurrence = None if nonocc is None else np.asarray(nonocc, dtype=np.float32)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def build(cls, ids: Sequence[str], texts: Sequence[str], params: BM25Params | None = None,
-              bank: QueryBank | None = None, tokens: list[list[str]] | None = None) -> LexicalIndex:
+              bank: QueryBank | None = None, counts: TermCounts | None = None) -> LexicalIndex:
         """Index passages (expanded with their own bank queries when `bank` is given).
 
-        `tokens`: the (expanded) texts already tokenised with `params`' stop words and stemmer
-        (`tokenize`), so a grid over k1 and b tokenises once. Passages without any index term get
+        `counts`: the (expanded) texts already counted with `params`' stop words and stemmer
+        (`count_terms`), so a grid over k1 and b tokenises once. Passages without any index term get
         score 0 for every query (warned); a corpus with no term at all raises.
         """
         params = params or BM25Params()
@@ -189,21 +203,16 @@ class LexicalIndex:
         n_expanded = 0
         if bank is not None:
             texts, n_expanded = expand_with_bank(ids, texts, bank)
-        if tokens is None:
-            tokens = tokenize(texts, params)
-        elif len(tokens) != len(ids):
-            raise ValueError(f"{len(tokens)} token lists for {len(ids)} passages")
-        empty = np.array([not t for t in tokens])
+        if counts is None:
+            counts = count_terms(texts, params)
+        elif len(counts.lengths) != len(ids):
+            raise ValueError(f"term counts of {len(counts.lengths)} passages for {len(ids)} passages")
+        empty = counts.lengths == 0
         if empty.all():
             raise ValueError(f"none of the {len(ids)} passages has an index term: nothing to index")
         _warn_no_terms("passage(s)", ids, empty, "they get lexical score 0 for every query")
-        vocab = {term: i for i, term in enumerate(sorted({t for doc in tokens for t in doc}))}
-        token_ids = [[vocab[t] for t in doc] for doc in tokens]
-        retriever = bm25s.BM25(method=params.method, k1=params.k1, b=params.b, delta=params.delta,
-                               backend="numpy", csc_backend="scipy")
-        retriever.index((token_ids, vocab), create_empty_token=False, show_progress=len(ids) >= _PROGRESS_MIN)
-        retriever.vocab_dict = vocab
-        return cls(retriever, params, ids, fingerprint, n_expanded)
+        retriever, doc_terms = bm25_retriever(counts, params.method, params.k1, params.b, params.delta)
+        return cls(retriever, params, ids, fingerprint, n_expanded, doc_terms)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:

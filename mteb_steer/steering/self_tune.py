@@ -42,6 +42,7 @@ from mteb.types import PromptType
 from tqdm.auto import tqdm
 
 from mteb_steer.steering.banks import BankError, QueryBank
+from mteb_steer.steering.bm25_build import TermCounts
 from mteb_steer.steering.lexical import (
     DEFAULT_WEIGHT,
     BM25Params,
@@ -50,8 +51,8 @@ from mteb_steer.steering.lexical import (
     _DenseStats,
     _LexicalStats,
     _normalise,
+    count_terms,
     expand_with_bank,
-    tokenize,
 )
 
 if TYPE_CHECKING:
@@ -251,22 +252,22 @@ def bm25_grid() -> list[BM25Params]:
     return [BM25Params(k1=k1, b=b) for k1 in K1_GRID for b in B_GRID]
 
 
-def grid_tokens(texts: Sequence[str], ids: Sequence[str], bank: QueryBank | None,
-                grid: Sequence[BM25Params]) -> list[list[str]]:
-    """The (expanded) passages tokenised once for a whole (k1, b) grid (which must share tokenisation)."""
+def grid_counts(texts: Sequence[str], ids: Sequence[str], bank: QueryBank | None,
+                grid: Sequence[BM25Params]) -> TermCounts:
+    """The (expanded) passages' term counts, once for a whole (k1, b) grid (which must share tokenisation)."""
     if len({(p.stopwords, p.stemmer) for p in grid}) != 1:
         raise ValueError("a BM25 grid must share stop words and stemmer (it is tokenised once)")
     expanded = expand_with_bank(ids, texts, bank)[0] if bank is not None else texts
-    return tokenize(expanded, grid[0])
+    return count_terms(expanded, grid[0])
 
 
 def tune_bm25(probes: Probes, ids: Sequence[str], texts: Sequence[str], bank: QueryBank | None,
               grid: Sequence[BM25Params], work_mem_mb: int = 256) -> tuple[GridChoice, np.ndarray]:
     """Choose (k1, b) by BM25 alone on the pseudo-queries; also returns the per-query criterion (grid, n)."""
-    tokens = grid_tokens(texts, ids, bank, grid)
+    counts = grid_counts(texts, ids, bank, grid)
     per_query = []
     for params in tqdm(grid, desc="self-tune BM25 (k1, b)", leave=False):
-        index = LexicalIndex.build(ids, texts, params, bank, tokens=tokens)
+        index = LexicalIndex.build(ids, texts, params, bank, counts=counts)
         per_query.append(ndcg_at_10(probe_ranks(probes, len(ids), [1.0], lexical=index, work_mem_mb=work_mem_mb)[0]))
     values = np.stack(per_query)
     ref = next((i for i, p in enumerate(grid) if (p.k1, p.b) == (REFERENCE_PARAMS.k1, REFERENCE_PARAMS.b)), 0)
