@@ -211,8 +211,9 @@ def _merged(old: dict | None, new: dict, stages: list[str]) -> dict:
     """
     if old is None or "failed" in old or set(stages) >= {"plain", "fused", "hybrid"}:
         return new
-    runs = old.get("runs") or [{key: old[key] for key in ("command", "finished", "skipped") if key in old}]
-    runs = [*runs, {"stages": stages, "command": new["command"], "finished": new["finished"]}]
+    keys = ("command", "finished", "skipped", "baseline_anon_mib")  # a stage's memory beyond start uses its run's baseline
+    runs = old.get("runs") or [{key: old[key] for key in keys if key in old}]
+    runs = [*runs, {"stages": stages, **{key: new[key] for key in keys if key != "skipped"}}]
     merged = {**old, **new, "runs": runs,
               "skipped": sorted(set(old.get("skipped", [])) & set(new["skipped"])),
               "process_peak_rss_mib": max(old.get("process_peak_rss_mib", 0), new["process_peak_rss_mib"])}

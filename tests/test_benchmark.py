@@ -167,3 +167,22 @@ def test_embedding_cache_default_is_one_rule(monkeypatch, tmp_path):
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_embedding_cache() == str(tmp_path / "home" / ".cache" / "mteb_steer" / "embeddings")
+
+
+def test_scale_rerun_of_some_stages_keeps_the_other_stages_and_both_runs():
+    """The 8.8M hybrid runs apart from 8.8M plain search: neither run may erase the other's numbers."""
+    spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "scripts" / "scale_benchmark.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    first = {"n_docs": 10, "baseline_anon_mib": 480.0, "plain_search": {"seconds": 1.0}, "skipped": ["hybrid"],
+             "command": "python scripts/scale_benchmark.py --no-hybrid-above 1", "finished": "t1",
+             "process_peak_rss_mib": 900.0}
+    second = {"n_docs": 10, "baseline_anon_mib": 490.0, "hybrid_search": {"seconds": 2.0}, "skipped": [],
+              "command": "python scripts/scale_benchmark.py --stages hybrid", "finished": "t2",
+              "process_peak_rss_mib": 800.0}
+    merged = scale._merged(first, second, ["hybrid"])
+    assert merged["plain_search"] == {"seconds": 1.0} and merged["hybrid_search"] == {"seconds": 2.0}
+    assert [run["command"] for run in merged["runs"]] == [first["command"], second["command"]]
+    assert [run["baseline_anon_mib"] for run in merged["runs"]] == [480.0, 490.0]
+    assert merged["skipped"] == [] and merged["process_peak_rss_mib"] == 900.0
+    assert scale._merged(first, second, ["plain", "fused", "hybrid"]) is second  # a full run replaces the record
