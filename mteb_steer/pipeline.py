@@ -23,6 +23,9 @@ LEXICAL_METHODS = ("bm25",)
 BANK_FUSION_OPTIONS = {"fusion_rule": "rule", "fusion_weighting": "weighting", "fusion_temperature": "temperature",
                        "fusion_drop_fraction": "drop_fraction"}
 
+# cache folders of this machine: never filed with a result (see SteerConfig.to_json)
+MACHINE_LOCAL = ("embedding_cache", "llm_cache_dir", "lexical_index_dir")
+
 
 @dataclass
 class SteerConfig:
@@ -32,8 +35,8 @@ class SteerConfig:
     the CLI, benchmark.py, the scripts and mteb's loaders reject a bad value with the same
     message before any data or weights load. A new plain field needs no code beyond its
     declaration (and a check in `validate` if it has a range): `to_json`/`from_json` carry
-    every field but the local `embedding_cache` folder, and that JSON (in `steer_config.json` and
-    the ModelMeta's `loader_kwargs`) is what `mteb.get_model` rebuilds the model from.
+    every field but this machine's cache folders (MACHINE_LOCAL), and that JSON (in `steer_config.json`
+    and the ModelMeta's `loader_kwargs`) is what `mteb.get_model` rebuilds the model from.
     """
 
     model: str | None = None
@@ -135,12 +138,13 @@ class SteerConfig:
         return cls(**options)
 
     def to_json(self) -> dict[str, Any]:
-        """Every field but `embedding_cache`, JSON-able; `from_json` of it gives an equal config (cache aside).
+        """Every field but MACHINE_LOCAL, JSON-able; `from_json` of it gives an equal config (caches aside).
 
-        The embedding cache is where this machine keeps base vectors: it changes no number, and a
-        result file naming it would send another machine's `mteb.get_model` to a folder of ours.
+        Those are where this machine keeps base vectors, LLM answers and BM25 indexes: they change
+        no number, and a result file naming them would send another machine's `mteb.get_model` to a
+        folder of ours (and publish our paths with the results).
         """
-        return {name: value for name, value in asdict(self).items() if name != "embedding_cache"}
+        return {name: value for name, value in asdict(self).items() if name not in MACHINE_LOCAL}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SteerConfig:

@@ -15,7 +15,7 @@ import mteb_steer
 from mteb_steer.beir import write_beir_slice
 from mteb_steer.cli import main as cli_main
 from mteb_steer.loader import MissingArtifactError
-from mteb_steer.pipeline import SteerConfig, build_model
+from mteb_steer.pipeline import MACHINE_LOCAL, SteerConfig, build_model
 from mteb_steer.results import evaluate_tasks
 from mteb_steer.tasks import resolve_task
 
@@ -60,9 +60,10 @@ def test_steer_config_json_round_trip():
     changed = {f.name for c in (everything, self_tuned) for f in fields(SteerConfig)
                if getattr(c, f.name) != f.default}
     assert changed == {f.name for f in fields(SteerConfig)}
-    for c in (everything, self_tuned):  # the local embedding-cache folder is never filed (it changes no number)
-        assert "embedding_cache" not in c.to_json()
-        assert SteerConfig.from_json(json.loads(json.dumps(c.to_json()))) == replace(c, embedding_cache=None)
+    for c in (everything, self_tuned):  # this machine's cache folders are never filed (they change no number)
+        assert not set(MACHINE_LOCAL) & set(c.to_json())
+        assert SteerConfig.from_json(json.loads(json.dumps(c.to_json()))) == replace(
+            c, embedding_cache=None, llm_cache_dir=None, lexical_index_dir=None)
     with pytest.raises(ValueError, match=r"unknown configuration keys \['alpha'\]"):
         SteerConfig.from_json({**config.to_json(), "alpha": 0.1})
 
