@@ -35,6 +35,7 @@ from scipy.stats import kendalltau, spearmanr  # noqa: E402
 
 from mteb_steer.embedding_cache import default_embedding_cache  # noqa: E402
 from mteb_steer.encoder import SteerEncoder, dataset_passage_texts  # noqa: E402
+from mteb_steer.search import SteerSearch  # noqa: E402
 from mteb_steer.steering.banks import load_bank  # noqa: E402
 from mteb_steer.steering.lexical import DEFAULT_FUSION, BM25Params, LexicalHybrid, LexicalIndex  # noqa: E402
 from mteb_steer.steering.self_tune import (  # noqa: E402
@@ -56,20 +57,26 @@ from mteb_steer.tasks import resolve_task  # noqa: E402
 QUERY_CHUNK = 256
 
 
-def real_ndcg10(score_chunks, query_ids: list[str], doc_ids: list[str], qrels: dict[str, dict[str, int]],
-                ignore_identical_ids: bool) -> float:
-    """Mean nDCG@10 (pytrec_eval) of the top 11 per query from (row offset, score tensor) chunks."""
+def top11(score_chunks, query_ids: list[str], doc_ids: list[str]) -> dict[str, dict[str, float]]:
+    """The top 11 passages per query from (row offset, score tensor) chunks."""
     run: dict[str, dict[str, float]] = {}
     for start, scores in score_chunks:
         values, idx = torch.topk(scores, min(11, scores.shape[1]), dim=1)
         for q in range(scores.shape[0]):
-            qid = query_ids[start + q]
-            docs = {doc_ids[i]: float(v) for i, v in zip(idx[q].tolist(), values[q].tolist(), strict=True)}
-            if ignore_identical_ids:
-                docs.pop(qid, None)
-            run[qid] = dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10])
-    judged = {q: {d: int(s) for d, s in docs.items()} for q, docs in qrels.items() if q in run}
-    per_query = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10"}).evaluate({q: run[q] for q in judged})
+            run[query_ids[start + q]] = {doc_ids[i]: float(v) for i, v in zip(idx[q].tolist(), values[q].tolist(),
+                                                                             strict=True)}
+    return run
+
+
+def real_ndcg10(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], ignore_identical_ids: bool
+                ) -> float:
+    """Mean nDCG@10 (pytrec_eval) of a run's top 10 per query (a query's own passage dropped first if asked)."""
+    top10 = {}
+    for qid, docs in run.items():
+        kept = {d: v for d, v in docs.items() if not (ignore_identical_ids and d == qid)}
+        top10[qid] = dict(sorted(kept.items(), key=lambda kv: -kv[1])[:10])
+    judged = {q: {d: int(s) for d, s in docs.items()} for q, docs in qrels.items() if q in top10}
+    per_query = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10"}).evaluate({q: top10[q] for q in judged})
     return float(np.mean([v["ndcg_cut_10"] for v in per_query.values()]))
 
 
@@ -121,23 +128,25 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
     query_vectors = {name: encoder.embed(list(split["queries"]["text"]), PromptType.query)
                      for name, split in splits.items()} if dense else {}
 
-    def mean_over_splits(score_fn) -> float:
-        """Mean over eval splits of real nDCG@10; score_fn(texts, vectors or None) -> (n, n_docs) scores."""
+    def mean_over_splits(run_fn) -> float:
+        """Mean over eval splits of real nDCG@10; run_fn(query ids, texts, vectors or None) -> top 11 per query."""
         values = []
         for name, split in splits.items():
             qids = [str(i) for i in split["queries"]["id"]]
-            qtexts = list(split["queries"]["text"])
-            vectors = query_vectors.get(name)
-            chunks = ((s, score_fn(qtexts[s:s + QUERY_CHUNK], None if vectors is None else vectors[s:s + QUERY_CHUNK]))
-                      for s in range(0, len(qtexts), QUERY_CHUNK))
-            values.append(real_ndcg10(chunks, qids, ids, split["relevant_docs"], ignore))
+            run = run_fn(qids, list(split["queries"]["text"]), query_vectors.get(name))
+            values.append(real_ndcg10(run, split["relevant_docs"], ignore))
         return float(np.mean(values))
+
+    def bm25_run(ix: LexicalIndex, qids: list[str], qtexts: list[str], _vectors) -> dict[str, dict[str, float]]:
+        chunks = ((s, torch.from_numpy(bm25_chunk(ix, qtexts[s:s + QUERY_CHUNK])))
+                  for s in range(0, len(qtexts), QUERY_CHUNK))
+        return top11(chunks, qids, ids)
 
     real_bm25 = []
     counts = grid_counts(texts, ids, bank, grid)
     for params in grid:
         real_index = LexicalIndex.build(ids, texts, params, bank, counts=counts)
-        real_bm25.append(mean_over_splits(lambda q, _v, ix=real_index: torch.from_numpy(bm25_chunk(ix, q))))
+        real_bm25.append(mean_over_splits(lambda qids, q, v, ix=real_index: bm25_run(ix, qids, q, v)))
     ref = bm25_choice.grid.index(bm25_choice.reference)
     out["bm25"] = {**bm25_choice.__dict__, "real_ndcg10": real_bm25,
                    **agreement(bm25_choice.scores, real_bm25, bm25_choice.grid.index(bm25_choice.chosen), ref)}
@@ -147,10 +156,9 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
             hybrid = LexicalHybrid(w, DEFAULT_FUSION, params=chosen_params, bank=bank)
             hybrid.fit(index)
 
-            def fused(q, vectors, h=hybrid):
-                dense_scores = torch.as_tensor(encoder.similarity(vectors, doc_vectors))
-                return h.fuse(QueryBatch(ids=[str(i) for i in range(len(q))], texts=q, embeddings=vectors),
-                              dense_scores, index)
+            def fused(qids, qtexts, vectors, h=hybrid):  # the package's own search path, tile by tile
+                return SteerSearch(encoder, score_fusion=h).rank(QueryBatch(ids=qids, texts=qtexts, embeddings=vectors),
+                                                                 index, top_k=11)
             real_weight.append(mean_over_splits(fused))
         ref = weight_choice.grid.index(weight_choice.reference)
         out["weight"] = {**weight_choice.__dict__, "bm25_params": [chosen_params.k1, chosen_params.b],
