@@ -182,3 +182,18 @@ def test_self_tune_configuration_errors(encoder):
                             ({"lexical": "bm25", "lexical_fusion": "rrf"}, "zscore or minmax")):
         with pytest.raises(ValueError, match=message):
             build_model(SteerConfig(self_tune=True, **fields), encoder=encoder)
+
+
+def test_agreement_script_scores_both_grids_through_the_search_path(scifact_slice, encoder):
+    """scripts/self_tune_agreement.py (the BENCHMARKS agreement tables) runs its BM25 and weight grids."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "self_tune_agreement.py"
+    spec = importlib.util.spec_from_file_location("self_tune_agreement", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = script.run_task(str(scifact_slice), str(scifact_slice.parent), None, True, encoder, 60, 0)
+    assert len(row["bm25"]["real_ndcg10"]) == 16 and len(row["weight"]["real_ndcg10"]) == len(script.WEIGHT_GRID)
+    weights = row["weight"]["real_ndcg10"]
+    assert all(0.0 < v <= 1.0 for v in weights) and len(set(weights)) > 1  # the weight changes the ranking
+    assert row["weight"]["chosen_real"] == weights[script.WEIGHT_GRID.index(row["weight"]["chosen"])]
