@@ -63,26 +63,31 @@ class TermCounts:
         return cls(vocab, matrix, lengths_all)
 
 
-def bm25_retriever(counts: TermCounts, method: str, k1: float, b: float, delta: float
-                   ) -> tuple[bm25s.BM25, sp.csr_matrix]:
-    """A bm25s retriever over `counts`, and the same scores passage-major ((n_docs, vocab) CSR).
+def _bm25s(method: str, k1: float, b: float, delta: float) -> bm25s.BM25:
+    return bm25s.BM25(method=method, k1=k1, b=b, delta=delta, backend="numpy", csc_backend="scipy")
 
-    The retriever's arrays equal `bm25s.BM25(...).index((token_ids, vocab))` on the same tokens.
+
+def bm25_scores(counts: TermCounts, method: str, k1: float, b: float, delta: float
+                ) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """BM25 of every passage-term pair, passage-major ((n_docs, vocab) float32 CSR), and bm25s's
+    non-occurrence array (BM25L / BM25+ only, else None).
+
+    `to_bm25s` of the result stores the same arrays as `bm25s.BM25(...).index((token_ids, vocab))`.
     """
-    retriever = bm25s.BM25(method=method, k1=k1, b=b, delta=delta, backend="numpy", csc_backend="scipy")
+    config = _bm25s(method, k1, b, delta)
     tf = counts.counts
     n_docs = tf.shape[0]
     avg_doc_len = counts.lengths.mean()
     doc_frequencies = dict(enumerate(np.bincount(tf.indices, minlength=tf.shape[1]).tolist()))
-    idf_fn = _select_idf_scorer(retriever.idf_method)
-    tfc_fn = _select_tfc_scorer(retriever.method)
+    idf_fn = _select_idf_scorer(config.idf_method)
+    tfc_fn = _select_tfc_scorer(config.method)
     nonocc = None
-    if retriever.method in retriever.methods_requiring_nonoccurrence:
+    if config.method in config.methods_requiring_nonoccurrence:
         nonocc = _build_nonoccurrence_array(doc_frequencies, n_docs, idf_fn, tfc_fn, l_d=avg_doc_len,
-                                            l_avg=avg_doc_len, k1=k1, b=b, delta=delta, dtype=retriever.dtype)
-    idf = _build_idf_array(doc_frequencies, n_docs, idf_fn, dtype=retriever.dtype)
+                                            l_avg=avg_doc_len, k1=k1, b=b, delta=delta, dtype=config.dtype)
+    idf = _build_idf_array(doc_frequencies, n_docs, idf_fn, dtype=config.dtype)
     del doc_frequencies
-    data = np.empty(tf.nnz, dtype=retriever.dtype)
+    data = np.empty(tf.nnz, dtype=config.dtype)
     for start in range(0, n_docs, SCORE_BLOCK):
         stop = min(start + SCORE_BLOCK, n_docs)
         lo, hi = int(tf.indptr[start]), int(tf.indptr[stop])
@@ -94,10 +99,17 @@ def bm25_retriever(counts: TermCounts, method: str, k1: float, b: float, delta: 
         data[lo:hi] = scores
     doc_terms = sp.csr_matrix((data, tf.indices, tf.indptr), shape=tf.shape)
     doc_terms.has_sorted_indices = True
+    return doc_terms, nonocc
+
+
+def to_bm25s(doc_terms: sp.csr_matrix, vocab: dict[str, int], nonoccurrence: np.ndarray | None, method: str,
+             k1: float, b: float, delta: float) -> bm25s.BM25:
+    """A bm25s retriever holding these scores in its own term-major layout (a copy: for saving)."""
+    retriever = _bm25s(method, k1, b, delta)
     term_major = doc_terms.tocsc()
     retriever.scores = {"data": term_major.data, "indices": term_major.indices, "indptr": term_major.indptr,
-                        "num_docs": n_docs}
-    retriever.nonoccurrence_array = nonocc
-    retriever.vocab_dict = counts.vocab
-    retriever.unique_token_ids_set = set(counts.vocab.values())
-    return retriever, doc_terms
+                        "num_docs": doc_terms.shape[0]}
+    retriever.nonoccurrence_array = nonoccurrence
+    retriever.vocab_dict = vocab
+    retriever.unique_token_ids_set = set(vocab.values())
+    return retriever

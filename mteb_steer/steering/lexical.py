@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from mteb_steer.blocks import TopRows
 from mteb_steer.identity import chunked_hash, stable_hash
 from mteb_steer.steering.banks import QueryBank, bank_fingerprint
-from mteb_steer.steering.bm25_build import TermCounts, bm25_retriever
+from mteb_steer.steering.bm25_build import TermCounts, bm25_scores, to_bm25s
 
 if TYPE_CHECKING:
     from mteb_steer.steps import CorpusIndex, QueryBatch, Tile, TileFuser
@@ -152,36 +152,40 @@ def _warn_no_terms(what: str, ids: Sequence[str], empty: np.ndarray, consequence
 
 
 class LexicalIndex:
-    """A bm25s index over one corpus, rows in `ids` order (the CorpusIndex row order).
+    """A BM25 index over one corpus, rows in `ids` order (the CorpusIndex row order).
 
-    Scores come from bm25s's eager term x document matrix: a query is a sparse bag of term
-    counts (a repeated query term counts twice, as in bm25s's own `get_scores`), and its scores
-    over a block of passages are one sparse product with the block's rows of a passage-major copy
-    (`doc_terms`), so a batch of queries is scored without Python loops and one block at a time.
-    Both products add a query's terms in ascending term order, so every score is bit-identical to
-    bm25s's term-major product.
+    Held as one passage-major (n_docs, vocab) CSR of BM25 scores (`doc_terms`): a query is a sparse
+    bag of term counts (a repeated query term counts twice, as in bm25s's own `get_scores`), and its
+    scores over a block of passages are one sparse product with the block's rows, so a batch of
+    queries is scored without Python loops and one block at a time. Products add a query's terms in
+    ascending term order, so every score is bit-identical to bm25s's term-major product. bm25s's own
+    term-major copy is made only to save (`retriever`), which halves the index's memory while searching.
     """
 
-    def __init__(self, retriever: bm25s.BM25, params: BM25Params, ids: list[str], fingerprint: str,
-                 n_expanded: int, doc_terms: sp.csr_matrix | None = None) -> None:
-        self.retriever = retriever
+    def __init__(self, doc_terms: sp.csr_matrix, vocab: dict[str, int], nonoccurrence: np.ndarray | None,
+                 params: BM25Params, ids: list[str], fingerprint: str, n_expanded: int) -> None:
+        self.doc_terms = doc_terms
+        self.vocab = vocab
         self.params = params
         self.ids = ids
         self.fingerprint = fingerprint
         self.n_expanded = n_expanded
         self.id_to_row = {doc_id: row for row, doc_id in enumerate(ids)}
-        scores = retriever.scores
-        self.n_docs = int(scores["num_docs"])
+        self.n_docs = doc_terms.shape[0]
         if self.n_docs != len(ids):
-            raise ValueError(f"bm25s index holds {self.n_docs} documents but {len(ids)} ids were given")
-        self.vocab: dict[str, int] = retriever.vocab_dict
-        # bm25s stores a CSC (n_docs x vocab): the same arrays are the CSR of its transpose.
-        self.term_docs = sp.csr_matrix((scores["data"], scores["indices"], scores["indptr"]),
-                                       shape=(len(self.vocab), self.n_docs))
-        # passage-major: a block of passages is a row slice (the builder hands over its own copy)
-        self.doc_terms = self.term_docs.T.tocsr() if doc_terms is None else doc_terms
-        nonocc = retriever.nonoccurrence_array
-        self.nonoccurrence = None if nonocc is None else np.asarray(nonocc, dtype=np.float32)
+            raise ValueError(f"BM25 index holds {self.n_docs} documents but {len(ids)} ids were given")
+        self.nonoccurrence = None if nonoccurrence is None else np.asarray(nonoccurrence, dtype=np.float32)
+
+    @property
+    def term_docs(self) -> sp.csc_matrix:
+        """(vocab, n_docs) view of the same scores (no copy)."""
+        return self.doc_terms.T
+
+    @property
+    def retriever(self) -> bm25s.BM25:
+        """A bm25s retriever with these scores (built on each call: bm25s's term-major copy)."""
+        p = self.params
+        return to_bm25s(self.doc_terms, self.vocab, self.nonoccurrence, p.method, p.k1, p.b, p.delta)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -211,8 +215,8 @@ class LexicalIndex:
         if empty.all():
             raise ValueError(f"none of the {len(ids)} passages has an index term: nothing to index")
         _warn_no_terms("passage(s)", ids, empty, "they get lexical score 0 for every query")
-        retriever, doc_terms = bm25_retriever(counts, params.method, params.k1, params.b, params.delta)
-        return cls(retriever, params, ids, fingerprint, n_expanded, doc_terms)
+        doc_terms, nonoccurrence = bm25_scores(counts, params.method, params.k1, params.b, params.delta)
+        return cls(doc_terms, counts.vocab, nonoccurrence, params, ids, fingerprint, n_expanded)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -244,8 +248,13 @@ class LexicalIndex:
         if meta.get("format") != INDEX_FORMAT:
             raise ValueError(f"{meta_path}: index format {meta.get('format')} != {INDEX_FORMAT}; rebuild it")
         retriever = bm25s.BM25.load(folder, show_progress=False)
+        scores = retriever.scores  # bm25s's CSC (n_docs x vocab): the same arrays are the CSR of its transpose
+        vocab = retriever.vocab_dict
+        term_docs = sp.csr_matrix((scores["data"], scores["indices"], scores["indptr"]),
+                                  shape=(len(vocab), int(scores["num_docs"])))
         ids = json.loads((folder / _IDS_FILE).read_text())
-        return cls(retriever, BM25Params(**meta["params"]), ids, meta["fingerprint"], meta["n_expanded"])
+        return cls(term_docs.T.tocsr(), vocab, retriever.nonoccurrence_array, BM25Params(**meta["params"]), ids,
+                   meta["fingerprint"], meta["n_expanded"])
 
     # -- scoring ------------------------------------------------------------------------------
     def query_matrix(self, query_texts: Sequence[str]) -> tuple[sp.csr_matrix, np.ndarray]:
