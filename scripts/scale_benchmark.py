@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 DIM = 384
 TOP_K = 1000
 DEFAULT_SIZES = (100_000, 1_000_000, 8_800_000)
+ALL_STAGES = ("plain", "fused", "hybrid")
 WRITE_CHUNK = 100_000
 
 
@@ -205,15 +206,18 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def _merged(old: dict | None, new: dict, stages: list[str]) -> dict:
-    """A run of some stages keeps the other stages' filed numbers for that size, each with its own run.
+    """A run of some stages keeps the other stages' filed numbers for that size; `runs` lists each run
+    still behind a number, with the stages it measured and its own baseline.
 
     Why: the 8.8M stages need the whole machine, so they are measured in separate runs.
     """
-    if old is None or "failed" in old or set(stages) >= {"plain", "fused", "hybrid"}:
+    if old is None or "failed" in old or set(stages) >= set(ALL_STAGES):
         return new
-    keys = ("command", "finished", "skipped", "baseline_anon_mib")  # a stage's memory beyond start uses its run's baseline
-    runs = old.get("runs") or [{key: old[key] for key in keys if key in old}]
-    runs = [*runs, {"stages": stages, **{key: new[key] for key in keys if key != "skipped"}}]
+    keys = ("command", "finished", "baseline_anon_mib")  # a stage's memory beyond start uses its run's baseline
+    runs = old.get("runs") or [{"stages": [s for s in ALL_STAGES if s not in old.get("skipped", [])],
+                                **{key: old[key] for key in keys if key in old}}]
+    runs = [{**run, "stages": [s for s in run["stages"] if s not in stages]} for run in runs]
+    runs = [run for run in runs if run["stages"]] + [{"stages": stages, **{key: new[key] for key in keys}}]
     merged = {**old, **new, "runs": runs,
               "skipped": sorted(set(old.get("skipped", [])) & set(new["skipped"])),
               "process_peak_rss_mib": max(old.get("process_peak_rss_mib", 0), new["process_peak_rss_mib"])}
@@ -226,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--stages", nargs="+", default=["plain", "fused", "hybrid"],
-                        choices=["plain", "fused", "hybrid"])
+    parser.add_argument("--stages", nargs="+", default=list(ALL_STAGES), choices=ALL_STAGES)
     parser.add_argument("--no-hybrid-above", type=int, default=None, metavar="N",
                         help="skip the hybrid stage for corpora larger than N passages")
     parser.add_argument("--workdir", default="/tmp/mteb_steer_scale", help="where the synthetic files go (deleted)")

@@ -182,7 +182,11 @@ def test_scale_rerun_of_some_stages_keeps_the_other_stages_and_both_runs():
               "process_peak_rss_mib": 800.0}
     merged = scale._merged(first, second, ["hybrid"])
     assert merged["plain_search"] == {"seconds": 1.0} and merged["hybrid_search"] == {"seconds": 2.0}
-    assert [run["command"] for run in merged["runs"]] == [first["command"], second["command"]]
-    assert [run["baseline_anon_mib"] for run in merged["runs"]] == [480.0, 490.0]
+    assert [(run["stages"], run["command"], run["baseline_anon_mib"]) for run in merged["runs"]] == [
+        (["plain", "fused"], first["command"], 480.0), (["hybrid"], second["command"], 490.0)]
     assert merged["skipped"] == [] and merged["process_peak_rss_mib"] == 900.0
+    third = {**second, "command": "python scripts/scale_benchmark.py --stages hybrid fused", "finished": "t3"}
+    again = scale._merged(merged, third, ["hybrid", "fused"])  # a run no number comes from any more is dropped
+    assert [(run["stages"], run["command"]) for run in again["runs"]] == [
+        (["plain"], first["command"]), (["hybrid", "fused"], third["command"])]
     assert scale._merged(first, second, ["plain", "fused", "hybrid"]) is second  # a full run replaces the record
