@@ -253,6 +253,27 @@ def test_expansion_uses_only_the_passages_own_queries(arguana_rows, genq_bank):
     assert unexpanded.bank is None and unexpanded.tag == LexicalHybrid().tag
 
 
+def test_expanded_texts_are_joined_per_chunk_not_copied_whole(arguana_rows, genq_bank, monkeypatch):
+    """Expansion hands the tokeniser one chunk of joined texts at a time; reads equal the eager join."""
+    ids, texts, _, _ = arguana_rows
+    expanded, hits = lexical.expand_with_bank(ids, texts, genq_bank)
+    eager = [" ".join([t, *genq_bank.get(d, [])]) for d, t in zip(ids, texts, strict=True)]
+    assert hits > 150 and not isinstance(expanded, list)
+    assert list(expanded) == eager and expanded[5:9] == eager[5:9] and expanded[-1] == eager[-1]
+    seen: list[list[str]] = []
+    real = lexical.tokenize
+
+    def recording(chunk, params):
+        seen.append(chunk)
+        return real(chunk, params)
+
+    monkeypatch.setattr(lexical, "TOKENIZE_CHUNK", 40)
+    monkeypatch.setattr(lexical, "tokenize", recording)
+    index = LexicalIndex.build(ids, texts, BM25Params(), bank=genq_bank)
+    assert max(len(chunk) for chunk in seen) == 40 and [t for chunk in seen for t in chunk] == eager
+    assert index.n_expanded == hits
+
+
 def test_bank_of_another_corpus_is_rejected(scifact_rows, genq_bank):
     ids, texts, _, _ = scifact_rows
     with pytest.raises(ValueError, match="no generated queries for any"):

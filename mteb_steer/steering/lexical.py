@@ -114,7 +114,32 @@ def count_terms(texts: Sequence[str], params: BM25Params) -> TermCounts:
     return TermCounts.from_chunks(chunks)
 
 
-def expand_with_bank(ids: Sequence[str], texts: Sequence[str], bank: QueryBank) -> tuple[list[str], int]:
+class ExpandedTexts(Sequence[str]):
+    """Each passage followed by its OWN generated queries, joined when read: tokenising in chunks
+    then never holds a second, expanded copy of the whole corpus."""
+
+    def __init__(self, ids: Sequence[str], texts: Sequence[str], bank: QueryBank) -> None:
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
+        self.ids, self.texts, self.bank = ids, texts, bank
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def _one(self, i: int) -> str:
+        queries = self.bank.get(self.ids[i])
+        return " ".join([self.texts[i], *queries]) if queries else self.texts[i]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._one(j) for j in range(*i.indices(len(self)))]
+        return self._one(range(len(self))[i])
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._one(i) for i in range(len(self)))
+
+
+def expand_with_bank(ids: Sequence[str], texts: Sequence[str], bank: QueryBank) -> tuple[ExpandedTexts, int]:
     """Each passage followed by its OWN generated queries (document expansion); (texts, n_expanded).
 
     Only `bank[doc_id]` is appended to passage `doc_id`; bank entries for ids outside the corpus
@@ -126,9 +151,7 @@ def expand_with_bank(ids: Sequence[str], texts: Sequence[str], bank: QueryBank) 
                          f"{len(ids)} corpus ids (e.g. {list(ids[:3])}): is it the bank of another corpus?")
     if hits < len(ids):
         logger.info("query bank covers %d of %d passages; the rest are indexed unexpanded", hits, len(ids))
-    out = [" ".join([text, *bank[doc_id]]) if bank.get(doc_id) else text
-           for doc_id, text in zip(ids, texts, strict=True)]
-    return out, hits
+    return ExpandedTexts(ids, texts, bank), hits
 
 
 def corpus_fingerprint(ids: Sequence[str], texts: Sequence[str]) -> str:
