@@ -271,12 +271,11 @@ class LexicalIndex:
         if meta.get("format") != INDEX_FORMAT:
             raise ValueError(f"{meta_path}: index format {meta.get('format')} != {INDEX_FORMAT}; rebuild it")
         retriever = bm25s.BM25.load(folder, show_progress=False)
-        scores = retriever.scores  # bm25s's CSC (n_docs x vocab): the same arrays are the CSR of its transpose
-        vocab = retriever.vocab_dict
-        term_docs = sp.csr_matrix((scores["data"], scores["indices"], scores["indptr"]),
-                                  shape=(len(vocab), int(scores["num_docs"])))
+        scores, vocab = retriever.scores, retriever.vocab_dict  # bm25s stores a CSC (n_docs x vocab)
+        doc_terms = sp.csc_matrix((scores["data"], scores["indices"], scores["indptr"]),
+                                  shape=(int(scores["num_docs"]), len(vocab))).tocsr()
         ids = json.loads((folder / _IDS_FILE).read_text())
-        return cls(term_docs.T.tocsr(), vocab, retriever.nonoccurrence_array, BM25Params(**meta["params"]), ids,
+        return cls(doc_terms, vocab, retriever.nonoccurrence_array, BM25Params(**meta["params"]), ids,
                    meta["fingerprint"], meta["n_expanded"])
 
     # -- scoring ------------------------------------------------------------------------------
