@@ -178,6 +178,9 @@ def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
     _add_llm_arguments(gen, several=True)
     gen.add_argument("--export", default=None, help="write the cached queries to this JSONL(.gz) bank")
     gen.add_argument("--no-generate", action="store_true", help="only export what the cache holds (no requests)")
+    gen.add_argument("--resume-from", default=None, metavar="BANK",
+                     help="first seed the cache from a bank an earlier run of this same generator exported "
+                          "(e.g. on another machine); its passages send no request")
     gen.add_argument("--limit", type=_POSITIVE_INT, default=None, help="only the first N passages")
     _add_engine_arguments(gen)
     gen.add_argument("--per-endpoint", type=_POSITIVE_INT, default=None,
@@ -314,7 +317,7 @@ def _generate(args: argparse.Namespace) -> int:
     from mteb_steer.beir import find_file, read_jsonl
     from mteb_steer.encoder import passage_text
     from mteb_steer.pipeline import SteerConfig, _gen_config
-    from mteb_steer.steering.generation import export_bank, generate
+    from mteb_steer.steering.generation import export_bank, generate, resume_from_bank
     from mteb_steer.steering.query_style import resolve_query_style
     from mteb_steer.tasks import resolve_task
 
@@ -331,6 +334,9 @@ def _generate(args: argparse.Namespace) -> int:
                          num_queries=args.num_queries, llm_cache_dir=args.cache_dir, llm_timeout=args.llm_timeout,
                          llm_retries=args.llm_retries)
     gen_config = _gen_config(config, query_style=resolve_query_style(args.query_style, task))
+    if args.resume_from:
+        seeded = resume_from_bank(args.resume_from, passages, gen_config, config.llm_cache())
+        print(f"resumed {seeded} passage(s) from {args.resume_from}")
     report = None
     if not args.no_generate and args.engine == "ray":
         from mteb_steer.steering.llm_client import endpoint_url

@@ -28,8 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mteb_steer.beir import load_beir_split
-from mteb_steer.steering import llm_server
-from mteb_steer.steering.banks import load_bank, load_bank_metadata
+from mteb_steer.steering import generation, llm_server
+from mteb_steer.steering.banks import BankError, load_bank, load_bank_metadata
 from mteb_steer.steering.generation import (
     CHARS_PER_TOKEN,
     GenConfig,
@@ -40,6 +40,7 @@ from mteb_steer.steering.generation import (
     import_bank,
     parse_queries,
     prepare_passages,
+    resume_from_bank,
     truncate_passage,
 )
 from mteb_steer.steering.llm_cache import CLAIM_PREFIX, cache_key
@@ -289,6 +290,35 @@ def test_published_bank_folder_imports_so_generation_sends_nothing(data_root, tm
     assert report.bank == {doc_id: genq[doc_id] for doc_id in passages}
 
 
+def test_resume_from_an_exported_partial_bank_skips_its_passages_and_refuses_another_generator(
+        data_root, tmp_path):
+    genq = load_bank(data_root / "arguana-genq")
+    rows = [r for r in load_beir_split(data_root / "arguana", "test").corpus if r["id"] in genq][:4]
+    passages = {r["id"]: r["text"] for r in rows}
+    styled = GenConfig(model="gemma", query_style="Given a claim, find documents that refute the claim",
+                       retries=0, timeout=1.0)
+    first_machine, partial = tmp_path / "first", tmp_path / "partial.jsonl.gz"
+    done = dict(list(passages.items())[:3])  # the run stopped after three passages
+    import_bank(data_root / "arguana-genq", done, styled, first_machine)
+    export_bank(passages, styled, first_machine, partial)
+
+    second_machine = tmp_path / "second"
+    assert resume_from_bank(partial, passages, styled, second_machine) == 3
+    dead = f"http://127.0.0.1:{llm_server.free_port()}/v1"  # nothing listens: any request would fail
+    report = generate(done, styled, second_machine, base_url=dead, show_progress=False)
+    assert report.requests == 0 and report.bank == {doc_id: genq[doc_id] for doc_id in done}
+    with pytest.raises(EndpointError, match="nothing answers"):  # the fourth passage still needs the LLM
+        generate(passages, styled, second_machine, base_url=dead, show_progress=False)
+
+    for other, field_name in ((replace(styled, query_style=None), "query_style"),
+                              (replace(styled, temperature=0.7), "temperature")):
+        with pytest.raises(BankError, match=f"another generator.*{field_name}"):
+            resume_from_bank(partial, passages, other, tmp_path / "third")
+    with pytest.raises(BankError, match="no generator metadata"):
+        resume_from_bank(data_root / "arguana-genq", passages, styled, tmp_path / "third")
+    assert not (tmp_path / "third").exists() or _entries(tmp_path / "third") == 0
+
+
 def test_server_errors_are_clear_before_starting(monkeypatch, tmp_path):
     missing = LocalServerConfig(model_path=str(tmp_path / "missing.gguf"))
     with pytest.raises(LLMServerError, match="GGUF model file not found"), local_llm_server(missing):
@@ -401,17 +431,25 @@ def test_chat_mode_against_the_instruct_model(llama_smollm2, scifact_passages, t
 
 
 @pytest.mark.llm
-def test_embedded_server_is_started_used_and_stopped(llama_smollm2, scifact_passages, tmp_path, monkeypatch):
+def test_embedded_model_runs_in_process_for_completion_and_as_a_stopped_server_for_chat(
+        llama_smollm2, scifact_passages, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     running = _llama_children()  # the session server
-    server = LocalServerConfig(model_path=str(smollm2_gguf()), n_ctx=512, n_threads=1)
-    config = replace(SMOL_ONE, model=None, concurrency=4)  # the embedded server names the model, runs 1 thread
-    report = generate(scifact_passages[:1], config, tmp_path, server=server, show_progress=False)
+    server = LocalServerConfig(model_path=str(smollm2_gguf()), n_ctx=512, n_threads=1, slots=2)
+    config = replace(SMOL_ONE, model=None, concurrency=4)  # the embedded model names the model
+    assert generation.embedded_config(config, server).concurrency == 2  # one request per slot
+    with monkeypatch.context() as patched:  # completion mode: batched in this process, no server
+        patched.setattr(generation, "local_llm_server", None)
+        report = generate(scifact_passages[:2], config, tmp_path / "completion", server=server, show_progress=False)
+    assert report.requests >= 2 and all(report.bank[doc_id] for doc_id, _ in scifact_passages[:2])
+    chat = replace(config, mode="chat", max_tokens=32, require_overlap=False)
+    assert generation.embedded_config(chat, server).concurrency == 1  # the server answers one at a time
+    report = generate(scifact_passages[:1], chat, tmp_path, server=server, show_progress=False)
     assert report.requests >= 1 and report.bank[scifact_passages[0][0]]
     assert _llama_children() == running
     # a rerun finds everything cached and does not even start a server
     gone = LocalServerConfig(model_path=str(tmp_path / "gone" / smollm2_gguf().name))  # same alias, no file
-    assert generate(scifact_passages[:1], config, tmp_path, server=gone, show_progress=False).requests == 0
+    assert generate(scifact_passages[:1], chat, tmp_path, server=gone, show_progress=False).requests == 0
     with pytest.raises(ValueError, match="needs --llm-base-url"):
         generate(scifact_passages[:1], GenConfig(model="gpt-4o"), tmp_path, server=server, show_progress=False)
 

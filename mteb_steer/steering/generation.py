@@ -13,8 +13,9 @@ from a language model. This module turns `{doc_id: passage}` into a query bank `
 - every passage's queries go to the disk cache (`llm_cache.QueryCache`) the moment they arrive,
   so a killed run loses nothing and a second run over the same corpus sends zero requests; each
   passage is claimed in the cache before its request, so two processes on one cache share the work;
-- with no endpoint configured (`base_url` or `OPENAI_BASE_URL`), a local llama.cpp server with
-  the bundled Gemma-3-270m is started for the run (`llm_server.local_llm_server`).
+- with no endpoint configured (`base_url` or `OPENAI_BASE_URL`), the bundled Gemma-3-270m runs for
+  the run: in this process, several requests decoded together (`llama_batched`), in completion mode;
+  as a local llama.cpp server (`llm_server.local_llm_server`) in chat mode.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from mteb_steer.identity import stable_hash
-from mteb_steer.steering.banks import QueryBank, load_bank, save_bank
+from mteb_steer.steering.banks import BankError, QueryBank, load_bank, load_bank_metadata, save_bank
+from mteb_steer.steering.llama_batched import BatchedLlama
 from mteb_steer.steering.llm_cache import CacheEntry, QueryCache
 from mteb_steer.steering.llm_client import LLM, EndpointError, LLMClient, RequestFailed, Transport, endpoint_url
 from mteb_steer.steering.llm_server import LocalServerConfig, local_llm_server
@@ -643,19 +645,25 @@ def resolve_model(config: GenConfig, server: LocalServerConfig) -> GenConfig:
 
 
 def embedded_config(config: GenConfig, server: LocalServerConfig) -> GenConfig:
-    """`config` for the embedded server: its alias as the model, one request at a time."""
+    """`config` for the embedded model: its alias as the model; as many requests in flight as it decodes at once."""
     alias = server.model_alias()
     if config.model not in (None, alias):
         raise ValueError(f"--llm-model {config.model!r} needs --llm-base-url (or OPENAI_BASE_URL): "
                          f"the embedded server serves {alias!r}")
-    # a local llama.cpp server answers one request at a time: more threads would only queue into timeouts
-    return replace(config, model=alias, concurrency=1)
+    # completion mode runs in-process, `slots` requests decoded together; the llama.cpp server (chat mode)
+    # answers one request at a time, so more threads would only queue into timeouts
+    return replace(config, model=alias, concurrency=server.slots if config.mode == "completion" else 1)
 
 
 def _generate_at(url: str, api_key: str | None, config: GenConfig, todo: Sequence[tuple[str, str]], total: int,
                  cache: QueryCache, report: GenerationReport, show_progress: bool) -> None:
-    """Health-check the endpoint, then generate `todo` through one client; the report counts its requests."""
-    llm = LLMClient(url, api_key, config.transport())
+    """Generate `todo` through one client of the endpoint at `url`."""
+    _generate_with(LLMClient(url, api_key, config.transport()), config, todo, total, cache, report, show_progress)
+
+
+def _generate_with(llm: LLM, config: GenConfig, todo: Sequence[tuple[str, str]], total: int,
+                   cache: QueryCache, report: GenerationReport, show_progress: bool) -> None:
+    """Health-check `llm`, then generate `todo` through it; the report counts its requests."""
     llm.check()
     try:
         with tqdm(total=total, initial=report.cached, desc="generating queries", unit="passage",
@@ -672,8 +680,9 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
     """Queries for every passage: cached ones read back, the rest generated (and cached one by one).
 
     Input is checked first (duplicate ids raise; empty passages are skipped, too-long ones cut, each
-    with one warning). Without `base_url` / OPENAI_BASE_URL a local llama.cpp server (`server`, by
-    default the bundled Gemma-3-270m) is started, and only when some passage is not cached yet.
+    with one warning). Without `base_url` / OPENAI_BASE_URL the embedded model (`server`, by default
+    the bundled Gemma-3-270m) is loaded, only when some passage is not cached yet: in this process
+    with batched decoding for completion mode (`llama_batched`), as a local llama.cpp server for chat.
     Passages that fail for good are listed in `report.failures` (id -> reason), not raised; an
     endpoint that cannot serve the run (nothing listens, key rejected, dead mid-run) raises
     `EndpointError` with one line naming its URL (what finished is cached).
@@ -687,6 +696,9 @@ def generate(passages: Passages, config: GenConfig, cache_dir: str | os.PathLike
         if todo:
             if endpoint:
                 _generate_at(endpoint, api_key, config, todo, len(order), cache, report, show_progress)
+            elif config.mode == "completion":
+                with BatchedLlama(server) as llm:
+                    _generate_with(llm, config, todo, len(order), cache, report, show_progress)
             else:
                 with local_llm_server(server) as local_url:
                     _generate_at(local_url, None, config, todo, len(order), cache, report, show_progress)
@@ -747,6 +759,26 @@ def export_bank(passages: Passages, config: GenConfig, cache_dir: str | os.PathL
     save_bank(bank, path, metadata={"generator": config.identity(), "passages": len(prepared.items),
                                     "passages_with_queries": len(bank), "llm_usage": usage})
     return bank
+
+
+def resume_from_bank(path: str | os.PathLike, passages: Passages, config: GenConfig, cache_dir: str | os.PathLike,
+                     server: LocalServerConfig | None = None) -> int:
+    """Seed the cache from a (partial) bank that `export_bank` wrote under this same generator.
+
+    Why: the cache lives on one machine; an exported bank travels (a repository, another host), so a
+    long generation continues where the bank stops instead of starting over. A bank made by another
+    generator (model, prompt, style, sampling) would pass off its queries as this config's, so it is
+    refused naming the fields that differ. Returns the number of passages seeded.
+    """
+    expected = resolve_model(config, server or LocalServerConfig()).identity()
+    made_by = load_bank_metadata(path).get("generator")
+    if made_by != expected:
+        if not isinstance(made_by, dict):
+            raise BankError(f"{path}: no generator metadata; only a bank written by `generate --export` can be resumed")
+        differ = sorted(k for k in expected.keys() | made_by.keys() if expected.get(k) != made_by.get(k))
+        raise BankError(f"{path} was made by another generator (differs in {', '.join(differ)}); "
+                        "resume with the same model, prompt, style and sampling")
+    return import_bank(path, passages, config, cache_dir, server)
 
 
 def import_bank(path: str | os.PathLike, passages: Passages, config: GenConfig, cache_dir: str | os.PathLike,

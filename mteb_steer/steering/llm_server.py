@@ -44,6 +44,8 @@ class LocalServerConfig:
     n_threads: CPU threads for generation and prompt evaluation; None = half the cores.
     logits_all: keep the logits of every position; llama.cpp returns log-probabilities only with it
         (the LLM relevance judge needs them), at some memory and speed cost, so off by default.
+    slots: completion requests the in-process engine (`llama_batched`) decodes together; the
+        generator runs its completion-mode requests there, the server serves the rest.
     """
 
     model_path: str | None = None
@@ -52,6 +54,7 @@ class LocalServerConfig:
     n_threads: int | None = None
     startup_timeout: float = 180.0
     logits_all: bool = False
+    slots: int = 8
 
     def model_alias(self) -> str:
         if self.alias:
