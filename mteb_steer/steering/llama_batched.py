@@ -65,7 +65,9 @@ class BatchedLlama:
     def __init__(self, server: LocalServerConfig | None = None, slots: int = 8, n_batch: int = 1024) -> None:
         require_llama_server()
         import llama_cpp
-        from llama_cpp import _internals
+        from llama_cpp import _internals, _logger
+
+        _logger.set_verbose(False)  # llama.cpp's load and graph messages, as `Llama(verbose=False)` silences them
 
         server = server or LocalServerConfig()
         path = server.model_path or bundled_gguf()
