@@ -1,8 +1,8 @@
 """The embedded GGUF model run in this process, decoding several completion requests in one batch.
 
-Why: on a CPU a small model's decode step costs about the same for eight sequences as for one
-(bundled Gemma-3-270m, one thread: 26 tokens/s for one sequence, 73 for eight), and decoding is most
-of what a passage costs. The llama.cpp server (`llm_server`) answers one request at a time; this
+Why: on a CPU a small model's decode step costs little more for eight sequences than for one, so
+decoding requests together raises throughput (BENCHMARKS.md §7: 1.34x to 1.37x per passage with the
+task-styled prompts, whose long prompts batching does not speed up). The llama.cpp server (`llm_server`) answers one request at a time; this
 engine takes the generator's concurrent requests into `slots` sequences of one llama.cpp context and
 decodes them together. It implements `llm_client.LLM` (completion mode), so the generator, its
 cache, retries and parsing are the same whichever engine answers. Each request is sampled with the
