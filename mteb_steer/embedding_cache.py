@@ -125,6 +125,7 @@ class EmbeddingCache:
         check_storage_dtype(storage)
         with _claimed(self.folder / f"{key}.lock") as owner:
             if owner:
+                _remove_dead_private_files(self.folder, key)
                 entry = PartialEntry(self.folder / f"{key}.partial.npy", self.folder / f"{key}.partial.json",
                                      rows, dim, storage)
             else:  # another live writer owns the resumable file: work privately, resume nothing
@@ -206,6 +207,22 @@ class PartialEntry:
         committed = self.progress is not None and self.progress.exists()
         if not committed:
             self.path.unlink(missing_ok=True)
+
+
+def _remove_dead_private_files(folder: Path, key: str) -> None:
+    """Delete `<key>.<pid>.tmp.npy` files whose writer process is gone (killed mid-write): nothing reads
+    them, so they would only fill the disk. A live pid's file is kept (that writer may still publish it)."""
+    for path in folder.glob(f"{key}.*.tmp.npy"):
+        pid = path.name[len(key) + 1: -len(".tmp.npy")]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.info("embedding cache %s: removing %s, left by a writer that is gone", folder, path.name)
+            path.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 @contextmanager

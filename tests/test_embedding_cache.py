@@ -111,6 +111,20 @@ def test_concurrent_writer_of_one_key_writes_a_private_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["k.npy"]
 
 
+def test_owner_removes_private_files_of_dead_writers_only(tmp_path):
+    """A second writer killed mid-write leaves `<key>.<pid>.tmp.npy`; the next owner of the key deletes
+    it, but keeps the file of a live process (it may still publish)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dead, live = tmp_path / f"k.{gone}.tmp.npy", tmp_path / f"k.{os.getpid()}.tmp.npy"
+    for path in (dead, live):
+        np.save(path, np.zeros((2, 2), dtype=np.float32))
+    other_key = tmp_path / f"other.{gone}.tmp.npy"
+    np.save(other_key, np.zeros((2, 2), dtype=np.float32))
+    EmbeddingCache(tmp_path).put("k", np.ones((10, 4), dtype=np.float32))
+    assert not dead.exists() and live.exists() and other_key.exists()
+
+
 def test_killed_write_is_never_read_back_and_resumes(tmp_path):
     """A process killed (SIGKILL, no cleanup) mid-block leaves no valid entry; the next writer keeps
     exactly the committed rows and rewrites the rest."""
