@@ -17,13 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mteb_steer.beir import find_file, read_jsonl
 from mteb_steer.cli import main as cli
 from mteb_steer.steering.banks import bank_fingerprint, bank_stats, load_bank, load_bank_metadata, save_bank
+from mteb_steer.tasks import resolve_task
+
+
+def _words(texts: list[str]) -> dict[str, float]:
+    """Query length in words: do generated queries look like the task's own (texts only, never labels)?"""
+    counts = [len(t.split()) for t in texts]
+    return {"median": statistics.median(counts), "mean": round(statistics.fmean(counts), 1)}
 
 
 def _ndcg10(folder: Path, task: str) -> float:
@@ -55,7 +64,10 @@ def main() -> None:
     common = set.intersection(*({d for d, q in bank.items() if q} for bank in banks.values()))
     if not common:
         raise SystemExit("the banks cover no passage in common")
-    record: dict = {"task": args.task, "passages_in_common": len(common), "banks": {}, "runs": {}}
+    folder = resolve_task(args.task, args.data_root).data_folder
+    real = [str(r.get("text") or "") for r in read_jsonl(find_file(folder, "queries"))]
+    record: dict = {"task": args.task, "passages_in_common": len(common),
+                    "task_queries_words": _words(real), "banks": {}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         runs = record["runs"]
@@ -66,7 +78,8 @@ def main() -> None:
             path = save_bank(cut, work / f"{name}.jsonl.gz")
             record["banks"][name] = {"source": paths[name], "generator": load_bank_metadata(paths[name]).get("generator"),
                                      "coverage_of_source": f"{len(common)} of {len(bank)} passages with queries",
-                                     "fingerprint_of_cut": bank_fingerprint(cut), **bank_stats(cut)}
+                                     "fingerprint_of_cut": bank_fingerprint(cut), **bank_stats(cut),
+                                     "words_per_query": _words([q for qs in cut.values() for q in qs])}
             runs[f"{name}: dense fusion (mean, alpha auto)"] = _evaluate(
                 args.task, args.data_root, work, f"{name}-fusion", "--query-bank", str(path), "--fusion", "mean")
             runs[f"{name}: BM25 expansion hybrid"] = _evaluate(
