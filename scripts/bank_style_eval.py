@@ -89,10 +89,13 @@ def main() -> None:
                      "--out", str(adapter)]
             if cli(train) != 0:
                 raise SystemExit(f"mteb-steer {' '.join(train)} failed")
+            trained = json.loads(next(adapter.rglob("training.json")).read_text())
+            record["banks"][name]["adapter"] = {k: trained.get(k) for k in ("pairs", "best_epoch", "seconds")}
             score, command = _evaluate(args.task, args.data_root, work, f"{name}-adapted", "--adapter", str(adapter))
             runs[f"{name}: query adapter on its pairs"] = (score, "mteb-steer " + " ".join(train) + " && " + command)
             print(json.dumps({k: v[0] for k, v in runs.items()}), flush=True)
     record["runs"] = {name: {"ndcg_at_10": score, "command": command} for name, (score, command) in runs.items()}
+    record["passage_ids"] = sorted(common)  # with the complete banks, these ids rebuild every cut exactly
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
