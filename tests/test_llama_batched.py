@@ -8,6 +8,7 @@ requests correctly (stop strings, max_tokens, usage), and bad requests fail nami
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from conftest_llm import smollm2_gguf
@@ -43,14 +44,14 @@ def _answers(llm, passages: list[str], workers: int) -> list[tuple[str, bool, in
 def test_one_slot_answers_exactly_as_the_llama_cpp_server(server, passages):
     with local_llm_server(server) as url:
         served = _answers(LLMClient(url, None, GREEDY.transport()), passages[:3], 1)
-    with BatchedLlama(server, slots=1) as llm:
+    with BatchedLlama(replace(server, slots=1)) as llm:
         batched = _answers(llm, passages[:3], 1)
         assert llm.requests == 3
     assert batched == served  # text, cut-by-max-tokens flag, prompt and completion tokens
 
 
 def test_slots_decode_concurrent_requests_with_stops_budgets_and_usage(server, passages):
-    with BatchedLlama(server, slots=3) as llm:
+    with BatchedLlama(replace(server, slots=3)) as llm:
         answers = _answers(llm, passages, 5)  # five requests over three slots: slots are reused
         short = llm.complete(model="smollm2-135m", prompt="Passage: " + passages[0] + "\nQuery 1:",
                              max_tokens=5, temperature=0.0)
@@ -66,7 +67,9 @@ def test_slots_decode_concurrent_requests_with_stops_budgets_and_usage(server, p
 def test_bad_requests_fail_naming_the_problem(server, passages, tmp_path):
     with pytest.raises(LLMServerError, match="GGUF model file not found"):
         BatchedLlama(LocalServerConfig(model_path=str(tmp_path / "missing.gguf")))
-    llm = BatchedLlama(LocalServerConfig(model_path=server.model_path, alias="smollm2-135m", n_ctx=64), slots=2)
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        BatchedLlama(replace(server, slots=0))
+    llm = BatchedLlama(replace(server, n_ctx=64, slots=2))
     with pytest.raises(RequestFailed, match="serves 'smollm2-135m', not 'gpt-4o'"):
         llm.complete(model="gpt-4o", prompt="hi", max_tokens=4)
     with pytest.raises(RequestFailed, match=r"exceed the context window of 64 tokens"):

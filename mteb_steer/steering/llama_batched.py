@@ -56,13 +56,13 @@ class _Slot:
 
 
 class BatchedLlama:
-    """`llm_client.LLM` over a GGUF model in this process: up to `slots` completions decoded together.
+    """`llm_client.LLM` over a GGUF model in this process: up to `server.slots` completions decoded together.
 
     Completion mode only (the embedded base model's mode); `chat` raises. Use as a context manager
     or call `close()`: a background thread owns the llama.cpp context.
     """
 
-    def __init__(self, server: LocalServerConfig | None = None, slots: int = 8, n_batch: int = 1024) -> None:
+    def __init__(self, server: LocalServerConfig | None = None, n_batch: int = 1024) -> None:
         require_llama_server()
         import llama_cpp
         from llama_cpp import _internals, _logger
@@ -73,8 +73,9 @@ class BatchedLlama:
         path = server.model_path or bundled_gguf()
         if not os.path.isfile(path):
             raise LLMServerError(f"GGUF model file not found: {path}")
+        slots = server.slots
         if slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
+            raise ValueError(f"LocalServerConfig.slots must be >= 1, got {slots}")
         self._llama_cpp, self._internals = llama_cpp, _internals
         self.alias = server.model_alias()
         self.base_url = f"in-process:{self.alias}"
