@@ -2,8 +2,8 @@
 
 Why: on a CPU a small model's decode step costs little more for eight sequences than for one, so
 decoding requests together raises throughput (BENCHMARKS.md §7: 1.34x to 1.37x per passage with the
-task-styled prompts, whose long prompts batching does not speed up). The llama.cpp server (`llm_server`) answers one request at a time; this
-engine takes the generator's concurrent requests into `slots` sequences of one llama.cpp context and
+task-styled prompts, whose long prompts batching does not speed up). The llama.cpp server
+(`llm_server`) answers one request at a time; this engine takes the generator's concurrent requests into `slots` sequences of one llama.cpp context and
 decodes them together. It implements `llm_client.LLM` (completion mode), so the generator, its
 cache, retries and parsing are the same whichever engine answers. Each request is sampled with the
 server's own llama.cpp sampler chain and defaults (`SERVER_SAMPLING`), so a bank means the same thing
@@ -14,7 +14,6 @@ differs, so the shared few-shot prefix is evaluated once per slot.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -23,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from mteb_steer.steering.llm_client import RequestFailed
-from mteb_steer.steering.llm_server import LLMServerError, LocalServerConfig, bundled_gguf, require_llama_server
+from mteb_steer.steering.llm_server import LLMServerError, LocalServerConfig, require_llama_server
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +69,7 @@ class BatchedLlama:
         _logger.set_verbose(False)  # llama.cpp's load and graph messages, as `Llama(verbose=False)` silences them
 
         server = server or LocalServerConfig()
-        path = server.model_path or bundled_gguf()
-        if not os.path.isfile(path):
-            raise LLMServerError(f"GGUF model file not found: {path}")
+        path = server.gguf_path()
         slots = server.slots
         if slots < 1:
             raise ValueError(f"LocalServerConfig.slots must be >= 1, got {slots}")
@@ -81,7 +78,7 @@ class BatchedLlama:
         self.base_url = f"in-process:{self.alias}"
         self.requests = 0
         self.n_ctx = server.n_ctx  # per request, as the server's context window
-        threads = server.n_threads or max(1, (os.cpu_count() or 2) // 2)
+        threads = server.threads()
         self._model = _internals.LlamaModel(path_model=path, params=llama_cpp.llama_model_default_params(),
                                             verbose=False)
         params = llama_cpp.llama_context_default_params()

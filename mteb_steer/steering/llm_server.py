@@ -61,6 +61,17 @@ class LocalServerConfig:
             return self.alias
         return Path(self.model_path).stem if self.model_path else DEFAULT_MODEL_ALIAS
 
+    def gguf_path(self) -> str:
+        """The GGUF file to load (`model_path`, else the bundled Gemma); LLMServerError when it is missing."""
+        path = self.model_path or bundled_gguf()
+        if not Path(path).is_file():
+            raise LLMServerError(f"GGUF model file not found: {path}")
+        return path
+
+    def threads(self) -> int:
+        """CPU threads to run with: `n_threads`, else half the cores."""
+        return self.n_threads or max(1, (os.cpu_count() or 2) // 2)
+
 
 def require_llama_server() -> None:
     """Raise a clear error naming the extra when llama-cpp-python's server is not importable."""
@@ -130,10 +141,8 @@ def local_llm_server(config: LocalServerConfig | None = None) -> Iterator[str]:
     """
     config = config or LocalServerConfig()
     require_llama_server()
-    model_path = config.model_path or bundled_gguf()
-    if not Path(model_path).is_file():
-        raise LLMServerError(f"GGUF model file not found: {model_path}")
-    threads = config.n_threads or max(1, (os.cpu_count() or 2) // 2)
+    model_path = config.gguf_path()
+    threads = config.threads()
     host, port = "127.0.0.1", free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server",
