@@ -45,6 +45,23 @@ def test_gz_suffix_really_gzips(tmp_path):
     assert load_bank_metadata(tmp_path / "b.jsonl") == {}
 
 
+def test_metadata_is_read_from_the_first_line_only(tmp_path):
+    """Learning how a bank was made must not parse the whole bank: a broken later line is load_bank's
+    error, not load_bank_metadata's; a broken first line is still named."""
+    path = tmp_path / "b.jsonl.gz"
+    save_bank({"d1": ["what is x"]}, path, metadata={"generator": "g"})
+    with gzip.open(path, "at", encoding="utf-8") as fh:
+        fh.write("not json\n")
+    assert load_bank_metadata(path) == {"generator": "g"}
+    with pytest.raises(BankError, match=r"b.jsonl.gz:3: not valid JSON"):
+        load_bank(path)
+    (tmp_path / "bad.jsonl").write_text("\n{oops\n")
+    with pytest.raises(BankError, match=r"bad.jsonl:2: not valid JSON"):
+        load_bank_metadata(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert load_bank_metadata(tmp_path / "empty.jsonl") == {}
+
+
 def test_fingerprint_sees_content_and_order():
     base = {"a": ["q1", "q2"], "b": []}
     assert bank_fingerprint(base) != bank_fingerprint({"a": ["q2", "q1"], "b": []})

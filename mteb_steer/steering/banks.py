@@ -109,13 +109,30 @@ def load_bank(path: str | os.PathLike) -> QueryBank:
 
 
 def load_bank_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata line of a JSONL bank (how it was made); {} when absent or for a folder."""
+    """The metadata line of a JSONL bank (how it was made); {} when absent or for a folder.
+
+    Reads up to the first non-empty line only (metadata may only be first): a bank of millions of
+    passages is not parsed to learn how it was made.
+    """
     path = Path(path)
     if path.is_dir():
         return {}
     if not path.exists():
         raise BankError(f"query bank {path} does not exist")
-    return _read_jsonl_bank(path)[1]
+    try:
+        with _open_text(path, "r") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if line.strip():
+                    break
+            else:
+                return {}
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise BankError(f"{path}: cannot read query bank ({err})") from err
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BankError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+    return dict(row["metadata"]) if isinstance(row, dict) and "id" not in row and "metadata" in row else {}
 
 
 def save_bank(bank: QueryBank, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
