@@ -307,6 +307,9 @@ def test_resume_from_an_exported_partial_bank_skips_its_passages_and_refuses_ano
     dead = f"http://127.0.0.1:{llm_server.free_port()}/v1"  # nothing listens: any request would fail
     report = generate(done, styled, second_machine, base_url=dead, show_progress=False)
     assert report.requests == 0 and report.bank == {doc_id: genq[doc_id] for doc_id in done}
+    export_bank(passages, styled, second_machine, tmp_path / "again.jsonl.gz")  # its usage says what it covers
+    assert load_bank_metadata(tmp_path / "again.jsonl.gz")["llm_usage"] == {
+        "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "imported_passages": 3}
     with pytest.raises(EndpointError, match="nothing answers"):  # the fourth passage still needs the LLM
         generate(passages, styled, second_machine, base_url=dead, show_progress=False)
 
@@ -382,7 +385,7 @@ def test_real_server_generates_parsed_queries_and_rerun_sends_nothing(llama_smol
     meta = load_bank_metadata(bank_path)
     assert meta["generator"]["model"] == "smollm2-135m" and meta["passages_with_queries"] == len(passages)
     usage = meta["llm_usage"]  # the successful request of each passage (a retried answer costs more)
-    assert usage["requests"] == len(passages) <= first.requests
+    assert usage["requests"] == len(passages) <= first.requests and usage["imported_passages"] == 0
     assert 0 < usage["prompt_tokens"] <= first.prompt_tokens and 0 < usage["completion_tokens"] <= first.completion_tokens
     fresh = tmp_path / "fresh"
     assert import_bank(bank_path, passages, SMOL_CONFIG, fresh) == len(passages)

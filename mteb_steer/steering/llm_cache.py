@@ -110,12 +110,17 @@ class QueryCache:
         return bank
 
     def usage(self, identity: Mapping[str, Any], items: Iterable[tuple[str, str]]) -> dict[str, int]:
-        """Token usage recorded for the generated (not imported) entries of `items`: the LLM cost of a bank."""
-        entries = [e for e in (self.get(identity, passage) for _, passage in items)
-                   if e is not None and e.source == "llm"]
+        """Token usage recorded for the generated entries of `items`: the LLM cost of a bank.
+
+        Imported entries (a resumed or published bank) carry no usage; `imported_passages` counts them,
+        so a bank continued across machines says which share of it its usage covers.
+        """
+        found = [e for e in (self.get(identity, passage) for _, passage in items) if e is not None]
+        entries = [e for e in found if e.source == "llm"]
         return {"requests": len(entries),  # successful requests; retries of failed answers are not stored
                 "prompt_tokens": sum(e.prompt_tokens for e in entries),
-                "completion_tokens": sum(e.completion_tokens for e in entries)}
+                "completion_tokens": sum(e.completion_tokens for e in entries),
+                "imported_passages": len(found) - len(entries)}
 
     def import_bank(self, identity: Mapping[str, Any], items: Iterable[tuple[str, str]], bank: QueryBank,
                     source: str, overwrite: bool = False) -> int:
