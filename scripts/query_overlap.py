@@ -13,7 +13,6 @@ verbatim in the passage, the share whose words are >= 90% passage words, and the
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -21,9 +20,10 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from mteb_steer.beir import find_file, read_jsonl
+from mteb_steer.beir import find_file, read_jsonl, read_qrels
 from mteb_steer.encoder import passage_text
 from mteb_steer.steering.banks import load_bank
+from mteb_steer.tasks import resolve_task
 
 _WORD = re.compile(r"\w+")
 
@@ -44,20 +44,19 @@ def overlap(pairs: Iterable[tuple[str, str]]) -> dict[str, float | int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-t", "--task", required=True, help="folder name under --data-root (scifact, arguana)")
+    parser.add_argument("-t", "--task", required=True, help="task name or BEIR folder")
     parser.add_argument("--split", required=True, help="qrels split whose real queries to describe")
     parser.add_argument("--bank", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--data-root", default=os.environ.get("MTEB_STEER_DATA_ROOT", "../shared/datasets"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    folder = Path(args.data_root) / args.task.lower()
+    folder = resolve_task(args.task, args.data_root).data_folder
     corpus = {str(r["_id"]): passage_text(r.get("title"), r.get("text")) for r in read_jsonl(find_file(folder, "corpus"))}
     queries = {str(r["_id"]): str(r.get("text") or "") for r in read_jsonl(find_file(folder, "queries"))}
-    with open(folder / "qrels" / f"{args.split}.tsv", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle, delimiter="\t") if int(r["score"]) > 0]
-    real = [(queries[r["query-id"]], corpus[r["corpus-id"]]) for r in rows
-            if r["query-id"] in queries and r["corpus-id"] in corpus and r["query-id"] != r["corpus-id"]]
+    qrels = read_qrels(folder / "qrels" / f"{args.split}.tsv")
+    real = [(queries[qid], corpus[doc_id]) for qid, docs in qrels.items() for doc_id, score in docs.items()
+            if score > 0 and qid in queries and doc_id in corpus and qid != doc_id]
     record = {"task": args.task, f"real queries ({args.split} qrels)": overlap(real)}
     for name, path in (item.split("=", 1) for item in args.bank):
         bank = load_bank(path)

@@ -115,12 +115,18 @@ class QueryCache:
         Imported entries (a resumed or published bank) carry no usage; `imported_passages` counts them,
         so a bank continued across machines says which share of it its usage covers.
         """
-        found = [e for e in (self.get(identity, passage) for _, passage in items) if e is not None]
-        entries = [e for e in found if e.source == "llm"]
-        return {"requests": len(entries),  # successful requests; retries of failed answers are not stored
-                "prompt_tokens": sum(e.prompt_tokens for e in entries),
-                "completion_tokens": sum(e.completion_tokens for e in entries),
-                "imported_passages": len(found) - len(entries)}
+        usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "imported_passages": 0}
+        for _, passage in items:  # one entry at a time: a bank of millions is never held whole
+            entry = self.get(identity, passage)
+            if entry is None:
+                continue
+            if entry.source != "llm":
+                usage["imported_passages"] += 1
+                continue
+            usage["requests"] += 1  # successful requests; retries of failed answers are not stored
+            usage["prompt_tokens"] += entry.prompt_tokens
+            usage["completion_tokens"] += entry.completion_tokens
+        return usage
 
     def import_bank(self, identity: Mapping[str, Any], items: Iterable[tuple[str, str]], bank: QueryBank,
                     source: str, overwrite: bool = False) -> int:

