@@ -171,6 +171,9 @@ def build_parser(include_submit: bool = True) -> argparse.ArgumentParser:
                     help="choose BM25 k1/b, the lexical weight and the fusion strength per corpus from held-out "
                          "pseudo-queries (generated queries of --query-bank, else sentences cut from passages); "
                          "no label is read; choices go to steer_fit.json")
+    ev.add_argument("--self-tune-sample", type=_POSITIVE_INT, default=None, metavar="N",
+                    help="pseudo-queries per corpus for --self-tune (default 500; more gives steadier choices "
+                         "and tunes proportionally slower: BENCHMARKS.md section 7)")
 
     gen = sub.add_parser("generate", help="generate queries for a corpus into the cache; optionally export a bank")
     gen.add_argument("-t", "--task", required=True, help="task name or BEIR folder whose corpus to use")
@@ -236,7 +239,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         refine_steps=args.refine_steps, refine_lr=args.refine_lr, hyde=args.hyde, lexical=args.lexical,
         lexical_weight=args.lexical_weight, lexical_fusion=args.lexical_fusion,
         lexical_expand=not args.no_lexical_expand, lexical_index_dir=args.lexical_index_dir,
-        self_tune=args.self_tune)
+        self_tune=args.self_tune, self_tune_sample=args.self_tune_sample)
     check_device(args.device)
     if args.model:  # a hub model offline is refused now, not after the data loads
         resolve_backbone(args.model)

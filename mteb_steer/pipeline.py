@@ -80,6 +80,7 @@ class SteerConfig:
     lexical_index_dir: str | None = None
     # self-tuning per corpus (issue 14): BM25 (k1, b), lexical weight, fusion strength from pseudo-queries
     self_tune: bool = False
+    self_tune_sample: int | None = None  # pseudo-queries per corpus; None: steering.self_tune.SAMPLE_SIZE
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +117,12 @@ class SteerConfig:
             raise ValueError(f"lexical weight must be in [0, 1] (dense weight is 1 - w), got {self.lexical_weight}")
         if self.lexical_fusion is not None and self.lexical_fusion not in FUSION_MODES:
             raise ValueError(f"lexical fusion {self.lexical_fusion!r} unknown; choose one of {FUSION_MODES}")
+        if self.self_tune_sample is not None:
+            if isinstance(self.self_tune_sample, bool) or not isinstance(self.self_tune_sample, int) \
+                    or self.self_tune_sample < 1:
+                raise ValueError(f"self_tune_sample must be an integer >= 1, got {self.self_tune_sample!r}")
+            if not self.self_tune:
+                raise ValueError("--self-tune-sample sets how many pseudo-queries --self-tune uses; give --self-tune")
         if self.self_tune:
             _check_self_tune(self)
 
@@ -202,7 +209,7 @@ def _banks(config: SteerConfig) -> tuple[Any, Any]:
         return bank, None
     from mteb_steer.steering.self_tune import split_bank
 
-    return split_bank(bank)
+    return split_bank(bank, **_self_tune_sample(config))
 
 
 def corpus_steps(config: SteerConfig, bank: Any = None, task: Any | None = None) -> list:
@@ -237,7 +244,8 @@ def score_fusion(config: SteerConfig, bank: Any = None, encoder: SteerEncoder | 
         from mteb_steer.steering.self_tune import SelfTunedHybrid
 
         return SelfTunedHybrid(encoder, fusion=config.lexical_fusion, held_out=held_out, bank=bank,
-                               expand=config.lexical_expand, index_dir=config.lexical_index_dir)
+                               expand=config.lexical_expand, index_dir=config.lexical_index_dir,
+                               **_self_tune_sample(config))
     from mteb_steer.steering.lexical import LexicalHybrid
 
     return LexicalHybrid(config.lexical_weight, config.lexical_fusion, bank=bank,
@@ -302,6 +310,11 @@ def configuration_meta(config: SteerConfig, base_meta: Any) -> Any:
     fusion = score_fusion(config, bank)
     steps = [*query_transforms(config, base_meta), *corpus_steps(config, bank), *([fusion] if fusion else [])]
     return steered_meta(base_meta, steps, config)
+
+
+def _self_tune_sample(config: SteerConfig) -> dict[str, int]:
+    """The user's pseudo-query count as a keyword, or none (the self-tune module's default)."""
+    return {} if config.self_tune_sample is None else {"sample_size": config.self_tune_sample}
 
 
 def _check_self_tune(config: SteerConfig) -> None:

@@ -168,11 +168,13 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
     return out
 
 
+def fmt(value: float | list[float]) -> str:
+    """A grid value as the tables print it: 0.9, or "1.2, 0.75" for a (k1, b) pair."""
+    return ", ".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+
 def markdown(paths: list[str]) -> str:
     """The BENCHMARKS.md table of committed agreement files (no number typed by hand)."""
-    def fmt(value):
-        return ", ".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
-
     lines = ["| data set | pseudo-queries | grid | Spearman | Kendall | rule's pick | real nDCG@10 of pick | best "
              "| worst | fixed reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in (r for path in paths for r in json.loads(Path(path).read_text())["rows"]):
@@ -185,6 +187,29 @@ def markdown(paths: list[str]) -> str:
                 lines.append(f"| {row['task']} | {source} | {what} | {g['spearman']:.3f} | {g['kendall']:.3f} | "
                              f"{fmt(g['chosen'])} | {g['chosen_real']:.4f} | {g['best_real']:.4f} | "
                              f"{g['worst_real']:.4f} | {g['reference_real']:.4f} ({fmt(g['reference'])}) |")
+    return "\n".join(lines)
+
+
+def stability(paths: list[str]) -> str:
+    """How much the rule's pick depends on which pseudo-queries were sampled: agreement files of
+    several seeds grouped by data set, pseudo-query source and sample size. The picks are label-free;
+    the real nDCG@10 columns only describe their spread (nothing is chosen on them)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in (r for path in paths for r in json.loads(Path(path).read_text())["rows"]):
+        groups.setdefault((row["task"], row["source"], bool(row["bank"]), row["sample_size"]), []).append(row)
+    lines = ["| data set | pseudo-queries | seeds | (k1, b) picks | weight picks | BM25 alone: real nDCG@10 of "
+             "pick, min-max (fixed 0.9, 0.4) | hybrid: real nDCG@10 of pick, mean (min-max) |",
+             "|---|---|---|---|---|---|---|"]
+    for (task, source, bank, size), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["seed"])
+        bm25_real = [r["bm25"]["chosen_real"] for r in rows]
+        picks = "; ".join(f"{fmt(r['bm25']['chosen'])}" for r in rows)
+        weights = ", ".join(fmt(r["weight"]["chosen"]) for r in rows if "weight" in r) or "-"
+        hybrid = [r["weight"]["chosen_real"] for r in rows if "weight" in r]
+        hybrid_cell = f"{np.mean(hybrid):.4f} ({min(hybrid):.4f}-{max(hybrid):.4f})" if hybrid else "-"
+        lines.append(f"| {task} | {source} x{size}" + (" (rest of bank expands BM25)" if bank else "") +
+                     f" | {', '.join(str(r['seed']) for r in rows)} | {picks} | {weights} | "
+                     f"{min(bm25_real):.4f}-{max(bm25_real):.4f} ({rows[0]['bm25']['reference_real']:.4f}) | {hybrid_cell} |")
     return "\n".join(lines)
 
 
@@ -205,9 +230,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", help="JSON output file")
     parser.add_argument("--markdown", nargs="+", metavar="JSON", help="only print the table of these output files")
+    parser.add_argument("--stability", nargs="+", metavar="JSON",
+                        help="only print how the picks vary over these output files (runs with different --seed)")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(args.markdown))
+        return
+    if args.stability:
+        print(stability(args.stability))
         return
     if not args.out:
         parser.error("--out is required")

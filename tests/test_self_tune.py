@@ -17,13 +17,14 @@ import pytest
 
 from mteb_steer.pipeline import SteerConfig, build_model
 from mteb_steer.results import STEER_FIT_FILE, evaluate_tasks, read_fits, result_dir
-from mteb_steer.steering.banks import load_bank
+from mteb_steer.steering.banks import load_bank, save_bank
 from mteb_steer.steering.fusion import QueryFusion
 from mteb_steer.steering.generation import GenConfig
 from mteb_steer.steering.lexical import expand_with_bank
 from mteb_steer.steering.llm_cache import CacheEntry, QueryCache
 from mteb_steer.steering.query_style import resolve_query_style, task_query_style
 from mteb_steer.steering.self_tune import (
+    SAMPLE_SIZE,
     SelfTunedHybrid,
     choose,
     cut_sentence_probes,
@@ -179,21 +180,57 @@ def test_self_tune_configuration_errors(encoder):
     for fields, message in (({}, "give --lexical"),
                             ({"lexical": "bm25", "lexical_weight": 0.3}, "drop --lexical-weight"),
                             ({"fusion": "mean"}, "needs a --query-bank"),
-                            ({"lexical": "bm25", "lexical_fusion": "rrf"}, "zscore or minmax")):
+                            ({"lexical": "bm25", "lexical_fusion": "rrf"}, "zscore or minmax"),
+                            ({"lexical": "bm25", "self_tune_sample": 0}, "integer >= 1")):
         with pytest.raises(ValueError, match=message):
             build_model(SteerConfig(self_tune=True, **fields), encoder=encoder)
+    with pytest.raises(ValueError, match="give --self-tune"):
+        SteerConfig(lexical="bm25", self_tune_sample=100)
 
 
-def test_agreement_script_scores_both_grids_through_the_search_path(scifact_slice, encoder):
-    """scripts/self_tune_agreement.py (the BENCHMARKS agreement tables) runs its BM25 and weight grids."""
+def test_self_tune_sample_reaches_the_bank_split_and_the_tuner(tmp_path, encoder):
+    """`--self-tune-sample N` holds out N generated queries and is part of the model's identity."""
+    path = save_bank({f"d{i}": [f"query {i} a", f"query {i} b"] for i in range(300)}, tmp_path / "bank.jsonl.gz")
+    tuned = build_model(SteerConfig(lexical="bm25", self_tune=True, self_tune_sample=120, query_bank=str(path)),
+                        encoder=encoder).score_fusion
+    assert tuned.sample_size == 120 and len(tuned.held_out) == 120
+    assert tuned.describe()["self_tune"]["sample_size"] == 120
+    default = build_model(SteerConfig(lexical="bm25", self_tune=True, query_bank=str(path)), encoder=encoder).score_fusion
+    assert default.sample_size == SAMPLE_SIZE and len(default.held_out) == min(SAMPLE_SIZE, 300)
+
+
+@pytest.fixture(scope="module")
+def agreement_script():
+    """scripts/self_tune_agreement.py, loaded as a module."""
     import importlib.util
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "self_tune_agreement.py"
     spec = importlib.util.spec_from_file_location("self_tune_agreement", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_agreement_script_scores_both_grids_through_the_search_path(scifact_slice, encoder, agreement_script):
+    """scripts/self_tune_agreement.py (the BENCHMARKS agreement tables) runs its BM25 and weight grids."""
+    script = agreement_script
     row = script.run_task(str(scifact_slice), str(scifact_slice.parent), None, True, encoder, 60, 0)
     assert len(row["bm25"]["real_ndcg10"]) == 16 and len(row["weight"]["real_ndcg10"]) == len(script.WEIGHT_GRID)
     weights = row["weight"]["real_ndcg10"]
     assert all(0.0 < v <= 1.0 for v in weights) and len(set(weights)) > 1  # the weight changes the ranking
     assert row["weight"]["chosen_real"] == weights[script.WEIGHT_GRID.index(row["weight"]["chosen"])]
+
+
+def test_stability_table_lists_every_seed_and_its_pick(scifact_slice, agreement_script, tmp_path):
+    """The seed-stability table of BENCHMARKS §7 groups runs of several seeds and shows each seed's pick."""
+    files = []
+    for seed in (0, 1):
+        row = agreement_script.run_task(str(scifact_slice), str(scifact_slice.parent), None, False, None, 60, seed)
+        files.append(tmp_path / f"seed{seed}.json")
+        files[-1].write_text(json.dumps({"rows": [row]}))
+        picks = ", ".join(f"{v:g}" for v in row["bm25"]["chosen"])
+    table = agreement_script.stability([str(f) for f in files]).splitlines()
+    assert len(table) == 3  # header, rule, one group: both seeds share data set, source and sample size
+    cells = [c.strip() for c in table[2].split("|")]
+    assert cells[3] == "0, 1" and cells[4].endswith(picks) and cells[5] == "-"
+
