@@ -56,7 +56,8 @@ def test_steer_config_json_round_trip():
         llm_retries=1, allow_failed_passages=True, adapter="ad", refine_teacher="bm25", refine_top_k=10,
         refine_steps=5, refine_lr=0.01, hyde=2, lexical="bm25", lexical_weight=0.3, lexical_fusion="rrf",
         lexical_expand=False, lexical_index_dir="index")
-    self_tuned = SteerConfig(self_tune=True, lexical="bm25", fusion="mean", query_bank="bank.jsonl.gz")
+    self_tuned = SteerConfig(self_tune=True, self_tune_sample=2000, lexical="bm25", fusion="mean",
+                             query_bank="bank.jsonl.gz")
     changed = {f.name for c in (everything, self_tuned) for f in fields(SteerConfig)
                if getattr(c, f.name) != f.default}
     assert changed == {f.name for f in fields(SteerConfig)}
