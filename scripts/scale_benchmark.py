@@ -11,7 +11,11 @@ memory-mapped corpus pages):
 - fused: `QueryFusion.fuse_rows` (mean, alpha 0.1) over one generated-query vector per passage
   (float16 memmap), written block by block to a float16 memmap, then the same search over it;
 - hybrid: BM25 index build (`LexicalHybrid.fit`) and search with the default z-score 0.2 fusion
-  (corpora above 200,000 passages use the lexical module's union regime).
+  (corpora above 200,000 passages use the lexical module's union regime);
+- selftune: `SelfTunedHybrid.fit` with no bank (`--self-tune`): 500 sentences cut from the passages
+  (texts are then written as sentences of 12 words), the (k1, b) grid, the cut passages re-embedded
+  by the bundled model, the weight grid, then the real index. The dense scores are meaningless here
+  (random corpus vectors); only time and memory are measured.
 
 Each size runs in a fresh subprocess (so ru_maxrss is that size's own peak); the synthetic files
 are deleted afterwards. Raw output: results/benchmark/scale.json; plot: results/plots/scale.png.
@@ -42,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 DIM = 384
 TOP_K = 1000
 DEFAULT_SIZES = (100_000, 1_000_000, 8_800_000)
-ALL_STAGES = ("plain", "fused", "hybrid")
+ALL_STAGES = ("plain", "fused", "hybrid", "selftune")
+SENTENCE_WORDS = 12  # words per synthetic sentence (the selftune stage cuts sentences from passages)
 WRITE_CHUNK = 100_000
 
 
@@ -95,13 +100,18 @@ def vocabulary(data_root: Path) -> tuple[list[str], np.ndarray]:
     return list(words), np.asarray(freq, dtype=np.float64) / sum(freq)
 
 
-def random_texts(n: int, words: list[str], p: np.ndarray, lo: int, hi: int, rng: np.random.Generator) -> list[str]:
-    """n texts of lo..hi words drawn with the real word frequencies."""
+def random_texts(n: int, words: list[str], p: np.ndarray, lo: int, hi: int, rng: np.random.Generator,
+                 sentences: bool = False) -> list[str]:
+    """n texts of lo..hi words drawn with the real word frequencies; with `sentences`, the same words
+    written as capitalised sentences of SENTENCE_WORDS words (the tokeniser sees the same terms)."""
     lengths = rng.integers(lo, hi + 1, n)
     ids = rng.choice(len(words), size=int(lengths.sum()), p=p)
     vocab = np.asarray(words, dtype=object)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return [" ".join(vocab[ids[a:b]]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if not sentences:
+        return [" ".join(vocab[ids[a:b]]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [" ".join(" ".join(vocab[ids[i:min(i + SENTENCE_WORDS, b)]]).capitalize() + "."
+                     for i in range(a, b, SENTENCE_WORDS)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def unit_memmap(path: Path, n: int, rng: np.random.Generator) -> np.memmap:
@@ -123,6 +133,7 @@ def run_size(n_docs: int, n_queries: int, stages: list[str], workdir: Path, data
     from mteb_steer.search import SteerSearch
     from mteb_steer.steering.fusion import FUSE_BLOCK, CorpusQueries, QueryFusion
     from mteb_steer.steering.lexical import LexicalHybrid
+    from mteb_steer.steering.self_tune import SelfTunedHybrid
     from mteb_steer.steps import CorpusIndex, QueryBatch
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -136,10 +147,10 @@ def run_size(n_docs: int, n_queries: int, stages: list[str], workdir: Path, data
     with Stage(record, "write_vectors"):
         corpus = unit_memmap(workdir / "corpus.npy", n_docs, rng)
     texts: list[str] = []
-    if "hybrid" in stages:
+    if {"hybrid", "selftune"} & set(stages):
         words, p = vocabulary(data_root)
         with Stage(record, "make_texts"):
-            texts = random_texts(n_docs, words, p, 30, 70, rng)
+            texts = random_texts(n_docs, words, p, 30, 70, rng, sentences="selftune" in stages)
         qtexts = random_texts(n_queries, words, p, 4, 10, rng)
     else:
         qtexts = [""] * n_queries
@@ -171,6 +182,14 @@ def run_size(n_docs: int, n_queries: int, stages: list[str], workdir: Path, data
             hybrid.fit(index)
         with Stage(record, "hybrid_search"):
             SteerSearch(encoder, score_fusion=hybrid).rank(queries, index, TOP_K)
+        del hybrid
+    if "selftune" in stages:
+        tuned = SelfTunedHybrid(encoder)
+        with Stage(record, "self_tune_fit"):
+            tuned.fit(index)
+        report = tuned.fit_report(index.task_name)
+        record["self_tune_chose"] = {"bm25": report["bm25"], "lexical_weight": report["chosen"],
+                                     "pseudo_queries": report["choices"][0]["pseudo_queries"]}
     record["process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return record
 
@@ -182,7 +201,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for stage in ("plain_search", "fuse_corpus", "fused_search", "lexical_index", "hybrid_search"):
+    for stage in ("plain_search", "fuse_corpus", "fused_search", "lexical_index", "hybrid_search", "self_tune_fit"):
         pts = [(r["n_docs"], r[stage]) for r in records if stage in r]
         if not pts:
             continue

@@ -46,6 +46,7 @@ from mteb_steer.steering.self_tune import (  # noqa: E402
     bank_probes,
     bm25_grid,
     cut_sentence_probes,
+    cut_vectors,
     grid_counts,
     split_bank,
     tune_bm25,
@@ -115,11 +116,9 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
     weight_choice = None
     if dense:
         lexical = LexicalIndex.build(ids, tuning_texts, chosen_params, bank)
-        tuned_docs = doc_vectors.copy()
-        if probes.cut_rows is not None:
-            tuned_docs[probes.cut_rows] = encoder.embed([tuning_texts[r] for r in probes.cut_rows], PromptType.document)
-        weight_choice, _ = tune_weight(probes, lexical, encoder.embed(probes.texts, PromptType.query), tuned_docs,
-                                       encoder, list(WEIGHT_GRID), DEFAULT_FUSION)
+        weight_choice, _ = tune_weight(probes, lexical, encoder.embed(probes.texts, PromptType.query), doc_vectors,
+                                       encoder, list(WEIGHT_GRID), DEFAULT_FUSION,
+                                       doc_overrides=cut_vectors(probes, tuning_texts, encoder))
 
     # 2. real nDCG@10 per setting (labels read here, for the report only)
     splits = {s: task.dataset["default"][s] for s in task.eval_splits}

@@ -174,7 +174,7 @@ def test_scale_rerun_of_some_stages_keeps_the_other_stages_and_both_runs():
     spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "scripts" / "scale_benchmark.py")
     scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale)
-    first = {"n_docs": 10, "baseline_anon_mib": 480.0, "plain_search": {"seconds": 1.0}, "skipped": ["hybrid"],
+    first = {"n_docs": 10, "baseline_anon_mib": 480.0, "plain_search": {"seconds": 1.0}, "skipped": ["hybrid", "selftune"],
              "command": "python scripts/scale_benchmark.py --no-hybrid-above 1", "finished": "t1",
              "process_peak_rss_mib": 900.0}
     second = {"n_docs": 10, "baseline_anon_mib": 490.0, "hybrid_search": {"seconds": 2.0}, "skipped": [],
@@ -189,4 +189,4 @@ def test_scale_rerun_of_some_stages_keeps_the_other_stages_and_both_runs():
     again = scale._merged(merged, third, ["hybrid", "fused"])  # a run no number comes from any more is dropped
     assert [(run["stages"], run["command"]) for run in again["runs"]] == [
         (["plain"], first["command"]), (["hybrid", "fused"], third["command"])]
-    assert scale._merged(first, second, ["plain", "fused", "hybrid"]) is second  # a full run replaces the record
+    assert scale._merged(first, second, list(scale.ALL_STAGES)) is second  # a full run replaces the record

@@ -165,6 +165,56 @@ def test_sentence_pseudo_queries_are_cut_from_the_tuning_text(scifact_slice):
     assert cut_sentence_probes(texts, 100, 0).texts == probes.texts
 
 
+class _BlockOnlyCorpus:
+    """A corpus matrix that hands out row blocks only, as a memory-mapped one should be read: loading or
+    copying it whole raises, and the largest block requested is recorded."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors, self.shape, self.largest_block = vectors, vectors.shape, 0
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __getitem__(self, rows):
+        assert isinstance(rows, slice), f"corpus read by {type(rows).__name__}, not by a block of rows"
+        self.largest_block = max(self.largest_block, len(range(*rows.indices(len(self.vectors)))))
+        return self.vectors[rows]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole corpus matrix was loaded")
+
+    def copy(self):
+        raise AssertionError("the corpus matrix was copied")
+
+
+def test_dense_tuning_reads_the_corpus_block_by_block_and_never_copies_it(scifact_slice, encoder, monkeypatch):
+    """At millions of passages the corpus matrix is memory-mapped: tuning must not copy it (the cut passages'
+    vectors stand in for theirs) nor turn it whole into a tensor per chunk of pseudo-queries."""
+    from mteb.types import PromptType
+
+    from mteb_steer.beir import load_beir_split
+    from mteb_steer.encoder import passage_text
+    from mteb_steer.steering import self_tune
+    from mteb_steer.steering.lexical import BM25Params, LexicalIndex
+
+    corpus = load_beir_split(scifact_slice, "test").corpus
+    texts, ids = [passage_text(r["title"], r["text"]) for r in corpus], [r["id"] for r in corpus]
+    docs = encoder.embed(texts, PromptType.document)
+    probes = cut_sentence_probes(texts, sample_size=40, seed=0)
+    lexical = LexicalIndex.build(ids, probes.tuning_texts, BM25Params(), None)
+    queries = encoder.embed(probes.texts, PromptType.query)
+    overrides = self_tune.cut_vectors(probes, probes.tuning_texts, encoder)
+    swapped = docs.copy()  # the reference: the sampled passages' vectors replaced in a full copy
+    swapped[overrides[0]] = overrides[1]
+    args = dict(lexical=lexical, query_vectors=queries, encoder=encoder, work_mem_mb=1)
+    expected = self_tune.probe_ranks(probes, len(ids), [0.0, 0.3], doc_vectors=swapped, **args)
+    monkeypatch.setattr(self_tune, "CORPUS_BLOCK", 100)
+    blocks = _BlockOnlyCorpus(docs)
+    got = self_tune.probe_ranks(probes, len(ids), [0.0, 0.3], doc_vectors=blocks, doc_overrides=overrides, **args)
+    assert np.array_equal(got, expected) and 0 < blocks.largest_block <= 100
+    assert (got[0] < 10).mean() > 0.3  # a cut sentence finds its own passage in the top 10 often
+
+
 def test_rule_keeps_the_reference_unless_clearly_beaten():
     rng = np.random.default_rng(0)
     base = rng.random(400)

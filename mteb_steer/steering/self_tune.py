@@ -41,6 +41,7 @@ import torch
 from mteb.types import PromptType
 from tqdm.auto import tqdm
 
+from mteb_steer.blocks import CORPUS_BLOCK, BlockPlan, dense_tiles
 from mteb_steer.steering.banks import BankError, QueryBank
 from mteb_steer.steering.bm25_build import TermCounts
 from mteb_steer.steering.lexical import (
@@ -157,6 +158,15 @@ def cut_sentence_probes(texts: Sequence[str], sample_size: int = SAMPLE_SIZE, se
     return Probes([cut[int(r)] for r in rows], rows, "passage sentence", tuning, rows)
 
 
+def cut_vectors(probes: Probes, tuning_texts: Sequence[str], encoder: SteerEncoder
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, vectors) of the sampled passages re-embedded without their cut sentence: the dense side
+    must not see the pseudo-query in its own passage either. None when nothing was cut."""
+    if probes.cut_rows is None:
+        return None
+    return probes.cut_rows, encoder.embed([tuning_texts[r] for r in probes.cut_rows], PromptType.document)
+
+
 # -- criterion and rule ----------------------------------------------------------------------------
 
 def ndcg_at_10(ranks: np.ndarray) -> np.ndarray:
@@ -167,12 +177,15 @@ def ndcg_at_10(ranks: np.ndarray) -> np.ndarray:
 
 def probe_ranks(probes: Probes, n_docs: int, weights: Sequence[float], *, lexical: LexicalIndex | None = None,
                 query_vectors: np.ndarray | None = None, doc_vectors: np.ndarray | None = None,
-                encoder: SteerEncoder | None = None, fusion: str = "zscore", work_mem_mb: int = 256) -> np.ndarray:
+                encoder: SteerEncoder | None = None, fusion: str = "zscore", work_mem_mb: int = 256,
+                doc_overrides: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(len(weights), n_probes) 0-based rank of each pseudo-query's own passage, per lexical weight.
 
     Score = (1 - w) * norm(dense) + w * norm(bm25) as LexicalHybrid fuses ("zscore"/"minmax"), w = 1
     being BM25 alone (needs only `lexical`), w = 0 dense alone. Probes are scored in chunks so
-    that a chunk's score matrices stay within `work_mem_mb`.
+    that a chunk's score matrices stay within `work_mem_mb`. `doc_overrides` (rows, vectors) stand in
+    for those passages' corpus vectors (re-embedded without their cut sentence), so the corpus matrix,
+    possibly memory-mapped, is read block by block and never copied.
     """
     if fusion not in ("zscore", "minmax"):
         raise ValueError(f"self-tuning scores the z-score or min-max hybrid, not {fusion!r}")
@@ -190,7 +203,7 @@ def probe_ranks(probes: Probes, n_docs: int, weights: Sequence[float], *, lexica
         pick = torch.arange(stop - start)
         dense = lex = None
         if dense_needed:
-            raw = torch.as_tensor(encoder.similarity(query_vectors[start:stop], doc_vectors)).float()
+            raw = _dense_rows(encoder, query_vectors[start:stop], doc_vectors, doc_overrides)
             stats = _DenseStats(stop - start, raw.device)
             stats.update(slice(0, stop - start), raw)
             dense = _normalise(raw, *stats.center_scale(fusion))
@@ -205,6 +218,22 @@ def probe_ranks(probes: Probes, n_docs: int, weights: Sequence[float], *, lexica
             target = fused[pick, own]
             out[k, start:stop] = (fused > target[:, None]).sum(dim=1).numpy()
     return out
+
+
+def _dense_rows(encoder: SteerEncoder, queries: np.ndarray, doc_vectors: Any,
+                overrides: tuple[np.ndarray, np.ndarray] | None) -> torch.Tensor:
+    """(len(queries), n_docs) float32 similarities, scored corpus block by corpus block as search does."""
+    q = torch.as_tensor(np.asarray(queries), dtype=torch.float32)
+    n_docs = len(doc_vectors)
+    raw = torch.empty((len(q), n_docs), dtype=torch.float32)
+    plan = BlockPlan(len(q), n_docs, max(len(q), 1), CORPUS_BLOCK)
+    for _, d_rows, scores in dense_tiles(encoder.similarity, q, doc_vectors, plan, desc="self-tune dense"):
+        raw[:, d_rows] = scores.float()
+    if overrides is not None:
+        rows, vectors = overrides
+        raw[:, torch.from_numpy(np.asarray(rows))] = torch.as_tensor(
+            encoder.similarity(q, torch.as_tensor(np.asarray(vectors), dtype=torch.float32))).float()
+    return raw
 
 
 @dataclass
@@ -278,11 +307,12 @@ def tune_bm25(probes: Probes, ids: Sequence[str], texts: Sequence[str], bank: Qu
 
 
 def tune_weight(probes: Probes, lexical: LexicalIndex, query_vectors: np.ndarray, doc_vectors: np.ndarray,
-                encoder: SteerEncoder, grid: Sequence[float], fusion: str, work_mem_mb: int = 256
-                ) -> tuple[GridChoice, np.ndarray]:
+                encoder: SteerEncoder, grid: Sequence[float], fusion: str, work_mem_mb: int = 256,
+                doc_overrides: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[GridChoice, np.ndarray]:
     """Choose the lexical weight by the hybrid on the pseudo-queries; also the per-query criterion."""
     ranks = probe_ranks(probes, lexical.n_docs, grid, lexical=lexical, query_vectors=query_vectors,
-                        doc_vectors=doc_vectors, encoder=encoder, fusion=fusion, work_mem_mb=work_mem_mb)
+                        doc_vectors=doc_vectors, encoder=encoder, fusion=fusion, work_mem_mb=work_mem_mb,
+                        doc_overrides=doc_overrides)
     values = ndcg_at_10(ranks)
     ref = int(np.argmin([abs(w - DEFAULT_WEIGHT) for w in grid]))
     chosen, se = choose(grid, values, ref, [abs(w - grid[ref]) for w in grid])
@@ -352,14 +382,9 @@ class SelfTunedHybrid(LexicalHybrid):
         bm25, _ = tune_bm25(probes, index.ids, texts, self.bank, self.bm25_grid, self.work_mem_mb)
         self.params = BM25Params(k1=bm25.chosen[0], b=bm25.chosen[1])
         lexical = LexicalIndex.build(index.ids, texts, self.params, self.bank)
-        doc_vectors = index.embeddings
-        if probes.cut_rows is not None:  # the dense side must not see the cut sentence either
-            doc_vectors = doc_vectors.copy()
-            doc_vectors[probes.cut_rows] = self.encoder.embed([texts[r] for r in probes.cut_rows],
-                                                              PromptType.document)
         query_vectors = self.encoder.embed(probes.texts, PromptType.query)
-        weight, _ = tune_weight(probes, lexical, query_vectors, doc_vectors, self.encoder, self.weight_grid,
-                                self.fusion, self.work_mem_mb)
+        weight, _ = tune_weight(probes, lexical, query_vectors, index.embeddings, self.encoder, self.weight_grid,
+                                self.fusion, self.work_mem_mb, cut_vectors(probes, texts, self.encoder))
         self.weight = float(weight.chosen)
         self.choices[index.task_name] = [bm25, weight]
         logger.info("self-tune %s (%d pseudo-queries, %s): k1=%g b=%g weight=%g", index.task_name,
