@@ -116,6 +116,27 @@ def test_self_tune_never_reads_qrels(scifact_slice, encoder):
     assert model.fit_reports[task.metadata.name]  # it did tune, from the corpus alone
 
 
+def test_fit_tokenises_the_corpus_once_for_tuning_and_once_for_the_real_index(scifact_slice, encoder, monkeypatch):
+    """Tokenising is the costly part of a BM25 build at scale (BENCHMARKS §9 profile): the grid and the
+    chosen setting's tuning index share one count of the tuning texts."""
+    from mteb_steer.steering import lexical, self_tune
+
+    calls = []
+
+    def counting(texts, params):
+        calls.append(len(texts))
+        return real(texts, params)
+
+    real = lexical.count_terms
+    monkeypatch.setattr(lexical, "count_terms", counting)
+    monkeypatch.setattr(self_tune, "count_terms", counting)
+    task = BeirFolderTask(scifact_slice)
+    task.load_data()
+    model = build_model(SteerConfig(lexical="bm25", self_tune=True), encoder=encoder, task=task)
+    _index_and_search(model, task)
+    assert len(calls) == 2  # the tuning texts (cut sentences), then the real passages
+
+
 def test_steer_fit_json_carries_every_choice(scifact_slice, encoder, tmp_path):
     task = BeirFolderTask(scifact_slice)
     model = build_model(SteerConfig(lexical="bm25", self_tune=True), encoder=encoder, task=task)

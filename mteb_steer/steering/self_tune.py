@@ -291,9 +291,11 @@ def grid_counts(texts: Sequence[str], ids: Sequence[str], bank: QueryBank | None
 
 
 def tune_bm25(probes: Probes, ids: Sequence[str], texts: Sequence[str], bank: QueryBank | None,
-              grid: Sequence[BM25Params], work_mem_mb: int = 256) -> tuple[GridChoice, np.ndarray]:
-    """Choose (k1, b) by BM25 alone on the pseudo-queries; also returns the per-query criterion (grid, n)."""
-    counts = grid_counts(texts, ids, bank, grid)
+              grid: Sequence[BM25Params], work_mem_mb: int = 256, counts: TermCounts | None = None
+              ) -> tuple[GridChoice, np.ndarray]:
+    """Choose (k1, b) by BM25 alone on the pseudo-queries; also returns the per-query criterion (grid, n).
+    `counts`: the texts' `grid_counts`, when the caller also needs them (tokenising is the costly part)."""
+    counts = counts if counts is not None else grid_counts(texts, ids, bank, grid)
     per_query = []
     for params in tqdm(grid, desc="self-tune BM25 (k1, b)", leave=False):
         index = LexicalIndex.build(ids, texts, params, bank, counts=counts)
@@ -379,9 +381,10 @@ class SelfTunedHybrid(LexicalHybrid):
         """Choose (k1, b), then the weight, on this corpus's pseudo-queries; then build the real index."""
         probes = self.probes(index)
         texts = probes.tuning_texts if probes.tuning_texts is not None else index.texts
-        bm25, _ = tune_bm25(probes, index.ids, texts, self.bank, self.bm25_grid, self.work_mem_mb)
+        counts = grid_counts(texts, index.ids, self.bank, self.bm25_grid)  # shared by the grid and the chosen index
+        bm25, _ = tune_bm25(probes, index.ids, texts, self.bank, self.bm25_grid, self.work_mem_mb, counts=counts)
         self.params = BM25Params(k1=bm25.chosen[0], b=bm25.chosen[1])
-        lexical = LexicalIndex.build(index.ids, texts, self.params, self.bank)
+        lexical = LexicalIndex.build(index.ids, texts, self.params, self.bank, counts=counts)
         query_vectors = self.encoder.embed(probes.texts, PromptType.query)
         weight, _ = tune_weight(probes, lexical, query_vectors, index.embeddings, self.encoder, self.weight_grid,
                                 self.fusion, self.work_mem_mb, cut_vectors(probes, texts, self.encoder))
