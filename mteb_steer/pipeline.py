@@ -102,7 +102,8 @@ class SteerConfig:
 
         Encoding(self.backend, self.dtype, self.embedding_storage)  # names the bad backend / dtype / storage
         Transport(timeout=self.llm_timeout, retries=self.llm_retries)  # the LLM client's own check
-        at_least = {"batch_size": 1, "num_queries": 1, "refine_top_k": 1, "refine_steps": 0, "hyde": 0}
+        at_least = {"batch_size": 1, "num_queries": 1, "refine_top_k": 1, "refine_steps": 0, "hyde": 0,
+                    **({"self_tune_sample": 1} if self.self_tune_sample is not None else {})}  # None: the default
         for name, low in at_least.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -117,12 +118,8 @@ class SteerConfig:
             raise ValueError(f"lexical weight must be in [0, 1] (dense weight is 1 - w), got {self.lexical_weight}")
         if self.lexical_fusion is not None and self.lexical_fusion not in FUSION_MODES:
             raise ValueError(f"lexical fusion {self.lexical_fusion!r} unknown; choose one of {FUSION_MODES}")
-        if self.self_tune_sample is not None:
-            if isinstance(self.self_tune_sample, bool) or not isinstance(self.self_tune_sample, int) \
-                    or self.self_tune_sample < 1:
-                raise ValueError(f"self_tune_sample must be an integer >= 1, got {self.self_tune_sample!r}")
-            if not self.self_tune:
-                raise ValueError("--self-tune-sample sets how many pseudo-queries --self-tune uses; give --self-tune")
+        if self.self_tune_sample is not None and not self.self_tune:
+            raise ValueError("--self-tune-sample sets how many pseudo-queries --self-tune uses; give --self-tune")
         if self.self_tune:
             _check_self_tune(self)
 

@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from mteb_steer.beir import find_file, read_jsonl, read_qrels
+from mteb_steer.beir import load_beir_split
 from mteb_steer.encoder import passage_text
 from mteb_steer.steering.banks import load_bank
 from mteb_steer.tasks import resolve_task
@@ -51,12 +51,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    folder = resolve_task(args.task, args.data_root).data_folder
-    corpus = {str(r["_id"]): passage_text(r.get("title"), r.get("text")) for r in read_jsonl(find_file(folder, "corpus"))}
-    queries = {str(r["_id"]): str(r.get("text") or "") for r in read_jsonl(find_file(folder, "queries"))}
-    qrels = read_qrels(folder / "qrels" / f"{args.split}.tsv")
-    real = [(queries[qid], corpus[doc_id]) for qid, docs in qrels.items() for doc_id, score in docs.items()
-            if score > 0 and qid in queries and doc_id in corpus and qid != doc_id]
+    split = load_beir_split(resolve_task(args.task, args.data_root).data_folder, args.split)
+    corpus = {r["id"]: passage_text(r["title"], r["text"]) for r in split.corpus}
+    queries = {r["id"]: r["text"] for r in split.queries}
+    real = [(queries[qid], corpus[doc_id]) for qid, docs in split.qrels.items() for doc_id, score in docs.items()
+            if score > 0 and doc_id in corpus and qid != doc_id]
     record = {"task": args.task, f"real queries ({args.split} qrels)": overlap(real)}
     for name, path in (item.split("=", 1) for item in args.bank):
         bank = load_bank(path)

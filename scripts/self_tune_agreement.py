@@ -110,12 +110,13 @@ def run_task(name: str, data_root: str, bank_path: str | None, dense: bool, enco
     # 1. label-free criterion (no qrels touched yet)
     started = time.perf_counter()
     grid = bm25_grid()
-    bm25_choice, _ = tune_bm25(probes, ids, tuning_texts, bank, grid)
+    tuning_counts = grid_counts(tuning_texts, ids, bank, grid)  # shared by the grid and the chosen index
+    bm25_choice, _ = tune_bm25(probes, ids, tuning_texts, bank, grid, counts=tuning_counts)
     out["bm25_tune_s"] = round(time.perf_counter() - started, 1)
     chosen_params = BM25Params(k1=bm25_choice.chosen[0], b=bm25_choice.chosen[1])
     weight_choice = None
     if dense:
-        lexical = LexicalIndex.build(ids, tuning_texts, chosen_params, bank)
+        lexical = LexicalIndex.build(ids, tuning_texts, chosen_params, bank, counts=tuning_counts)
         weight_choice, _ = tune_weight(probes, lexical, encoder.embed(probes.texts, PromptType.query), doc_vectors,
                                        encoder, list(WEIGHT_GRID), DEFAULT_FUSION,
                                        doc_overrides=cut_vectors(probes, tuning_texts, encoder))
@@ -202,7 +203,7 @@ def stability(paths: list[str]) -> str:
     for (task, source, bank, size), rows in groups.items():
         rows = sorted(rows, key=lambda r: r["seed"])
         bm25_real = [r["bm25"]["chosen_real"] for r in rows]
-        picks = "; ".join(f"{fmt(r['bm25']['chosen'])}" for r in rows)
+        picks = "; ".join(fmt(r["bm25"]["chosen"]) for r in rows)
         weights = ", ".join(fmt(r["weight"]["chosen"]) for r in rows if "weight" in r) or "-"
         hybrid = [r["weight"]["chosen_real"] for r in rows if "weight" in r]
         hybrid_cell = f"{np.mean(hybrid):.4f} ({min(hybrid):.4f}-{max(hybrid):.4f})" if hybrid else "-"
